@@ -1,0 +1,80 @@
+"""Attach compression state to layers without rewriting the graph.
+
+Weight transforms (fake-quant now; masks, quant-noise and codebooks later) are registered as
+``torch.nn.utils.parametrize`` parametrizations of ``weight`` (they stack, in registration order);
+the input-activation quantizer is a submodule ``input_quantizer`` applied by a forward pre-hook.
+Works on any nn.Module (HF transformers included) without tracing."""
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import PatternError
+
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)
+
+
+def _as_list(p):
+    return [] if p is None else [p] if isinstance(p, str) else list(p)
+
+
+def find_layers(model: nn.Module, include=None, exclude=None, types=QUANTIZABLE) -> dict[str, nn.Module]:
+    """Layers of ``types`` whose qualified name matches an ``include`` glob (all when None) and no
+    ``exclude`` glob. A pattern that matches no layer raises PatternError naming it."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, types)}
+    if not layers:
+        raise PatternError(f"no quantizable layer ({', '.join(t.__name__ for t in types)}) in "
+                           f"{type(model).__name__}")
+    inc, exc = _as_list(include), _as_list(exclude)
+    for pat in inc + exc:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in layers):
+            sample = ", ".join(list(layers)[:8]) + (" ..." if len(layers) > 8 else "")
+            raise PatternError(f"pattern {pat!r} matches no layer; layers are: {sample}")
+    chosen = {n: m for n, m in layers.items()
+              if (not inc or any(fnmatch.fnmatchcase(n, p) for p in inc))
+              and not any(fnmatch.fnmatchcase(n, p) for p in exc)}
+    if not chosen:
+        raise PatternError(f"include={inc} exclude={exc} leave no layer to compress")
+    return chosen
+
+
+def weight_transforms(module: nn.Module) -> list[nn.Module]:
+    if parametrize.is_parametrized(module, "weight"):
+        return list(module.parametrizations.weight)
+    return []
+
+
+def raw_weight(module: nn.Module) -> torch.Tensor:
+    """The stored float weight (before any attached transform)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
+def add_weight_transform(module: nn.Module, transform: nn.Module) -> None:
+    parametrize.register_parametrization(module, "weight", transform)
+
+
+def find_transform(module: nn.Module, cls) -> nn.Module | None:
+    return next((t for t in weight_transforms(module) if isinstance(t, cls)), None)
+
+
+def _input_hook(module, args):
+    q = module._modules.get("input_quantizer")
+    if q is None or not args:
+        return None
+    return (q(args[0]),) + tuple(args[1:])
+
+
+def set_input_quantizer(module: nn.Module, quantizer: nn.Module) -> None:
+    module.add_module("input_quantizer", quantizer)
+    if not getattr(module, "_slim_input_hook", False):
+        module.register_forward_pre_hook(_input_hook)
+        module._slim_input_hook = True
+
+
+def input_quantizer(module: nn.Module):
+    return module._modules.get("input_quantizer")

@@ -1,0 +1,9 @@
+"""Fake quantization: the shared core, quantizer modules, initialisers, configs and verbs."""
+from .api import calibrate, quantize_, quantized_layers, weight_quantizer
+from .configs import LSQ, LSQPlus, QuantConfig
+from .fake_quant import dequantize, fake_quant, qrange, quantize_int, round_ste
+from .quantizer import LSQQuantizer, Quantizer
+
+__all__ = ["calibrate", "quantize_", "quantized_layers", "weight_quantizer", "LSQ", "LSQPlus",
+           "QuantConfig", "dequantize", "fake_quant", "qrange", "quantize_int", "round_ste",
+           "LSQQuantizer", "Quantizer"]

@@ -1,0 +1,130 @@
+"""The quantization verbs: ``quantize_`` attaches quantizers in place, ``calibrate`` runs the range
+initialisers on a few batches, ``quantized_layers`` lists what is attached."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..attach import (add_weight_transform, find_layers, find_transform, input_quantizer, raw_weight,
+                      set_input_quantizer)
+from ..config import handler_for, register_handler
+from ..errors import ConfigError, PatternError
+from .configs import LSQ
+from .quantizer import LSQQuantizer, Quantizer, check_bits
+
+
+def weight_quantizer(module: nn.Module) -> Quantizer | None:
+    return find_transform(module, Quantizer)
+
+
+def quantized_layers(model: nn.Module):
+    """Yield (name, module, weight_quantizer, input_quantizer) for every layer with a quantizer."""
+    for name, m in model.named_modules():
+        wq, aq = weight_quantizer(m), input_quantizer(m)
+        if wq is not None or aq is not None:
+            yield name, m, wq, aq
+
+
+def _normalise_plan(plan, layers, cfg) -> dict[str, tuple[int, int | None]]:
+    """plan: {layer: bits} or {layer: {"w_bits": .., "a_bits": ..}} -> {layer: (w, a)} for all layers."""
+    plan = dict(plan or {})
+    unknown = sorted(set(plan) - set(layers))
+    if unknown:
+        raise PatternError(f"plan names layers that are not being quantized: {unknown}")
+    out = {}
+    for name in layers:
+        w, a = cfg.w_bits, cfg.a_bits
+        entry = plan.get(name)
+        if isinstance(entry, int):
+            w, a = entry, (entry if a is not None else None)
+        elif isinstance(entry, dict):
+            bad = set(entry) - {"w_bits", "a_bits"}
+            if bad:
+                raise ConfigError(f"plan[{name!r}]: unknown key(s) {sorted(bad)}; use w_bits, a_bits")
+            w, a = entry.get("w_bits", w), entry.get("a_bits", a)
+        elif entry is not None:
+            raise ConfigError(f"plan[{name!r}] must be an int or a dict, got {entry!r}")
+        check_bits(w, f"plan[{name!r}].w_bits")
+        if a is not None:
+            check_bits(a, f"plan[{name!r}].a_bits")
+        if cfg.tie_bits and a is not None:
+            w = a = max(w, a)
+        out[name] = (w, a)
+    return out
+
+
+def quantize_(model: nn.Module, config, include=None, exclude=None, plan=None) -> nn.Module:
+    """Attach quantizers in place to every Conv1d/Conv2d/Linear (weight + input activation) and
+    Embedding (weight) matched by the include/exclude globs; all layers by default, first and last
+    included. ``plan`` overrides bits per layer (e.g. a HAWQ-V2 result). Returns ``model``."""
+    layers = find_layers(model, include, exclude)
+    for name, m in layers.items():
+        if weight_quantizer(m) is not None or input_quantizer(m) is not None:
+            raise ConfigError(f"layer {name!r} is already quantized")
+    bits = _normalise_plan(plan, layers, config)
+    handler_for(config)(model, config, layers, bits)
+    return model
+
+
+def per_channel_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    return (weight.shape[0],) + (1,) * (weight.dim() - 1)
+
+
+@register_handler(LSQ)
+def _apply_lsq(model, cfg: LSQ, layers, bits):
+    signed = {"auto": None, "signed": True, "unsigned": False, "offset": False}[cfg.activations]
+    for name, m in layers.items():
+        w_bits, a_bits = bits[name]
+        shape = per_channel_shape(m.weight) if cfg.weights == "per_channel" else (1,)
+        wq = LSQQuantizer(w_bits, "weight", signed=True, scale_shape=shape, init=cfg.w_init,
+                          use_grad_scale=cfg.grad_scale).to(m.weight.device)
+        add_weight_transform(m, wq)
+        if a_bits is not None and not isinstance(m, nn.Embedding):
+            aq = LSQQuantizer(a_bits, "activation", signed=signed,
+                              learn_offset=cfg.activations == "offset", init=cfg.a_init,
+                              use_grad_scale=cfg.grad_scale).to(m.weight.device)
+            set_input_quantizer(m, aq)
+
+
+def _iterate(forward_loop, model, num_batches):
+    if callable(forward_loop):
+        forward_loop(model)
+        return
+    device = next(model.parameters()).device
+    for i, batch in enumerate(forward_loop):
+        if num_batches is not None and i >= num_batches:
+            break
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        model(x.to(device) if isinstance(x, torch.Tensor) else x)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, forward_loop: Callable | Iterable, num_batches: int | None = None,
+              reinit_weights: bool = False) -> int:
+    """Run ``forward_loop(model)`` (or iterate a loader of batches, first ``num_batches``) with every
+    activation quantizer observing (float pass-through), then initialise each from what it saw.
+    Returns the number of quantizers initialised. The model's train/eval mode is restored."""
+    acts = [aq for *_, aq in quantized_layers(model) if aq is not None]
+    if reinit_weights:
+        for _, m, wq, _ in quantized_layers(model):
+            if wq is not None:
+                wq.initialize(raw_weight(m))
+    if not acts:
+        return 0
+    was_training = model.training
+    model.eval()
+    for q in acts:
+        q.start_observing()
+    try:
+        _iterate(forward_loop, model, num_batches)
+    finally:
+        seen = [bool(getattr(q, "_obs", [])) for q in acts]
+        for q in acts:
+            q.finish_observing()
+        model.train(was_training)
+    if not all(seen):
+        raise ConfigError(f"calibration saw no data for {seen.count(False)} activation quantizer(s): "
+                          "the forward_loop did not run the model (empty loader?)")
+    return len(acts)

@@ -1,0 +1,60 @@
+"""LSQ and LSQ+ configs (papers.md Sec. 2). Validation names the field that is wrong."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import register_config
+from ..errors import ConfigError
+from .quantizer import INITS, check_bits
+
+GRANULARITIES = ("per_tensor", "per_channel")
+ACT_MODES = ("auto", "signed", "unsigned", "offset")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Fields shared by every weight+activation quantization method.
+
+    w_bits / a_bits: 2..8 (a_bits None = activations stay float).
+    weights: per_tensor | per_channel.   tie_bits: a layer's W and A bits set to max(w, a).
+    """
+    w_bits: int = 4
+    a_bits: int | None = 4
+    weights: str = "per_tensor"
+    tie_bits: bool = False
+
+    def __post_init__(self):
+        check_bits(self.w_bits, "w_bits")
+        if self.a_bits is not None:
+            check_bits(self.a_bits, "a_bits")
+        if self.weights not in GRANULARITIES:
+            raise ConfigError(f"weights={self.weights!r}; expected one of {GRANULARITIES}")
+
+
+@register_config("lsq")
+@dataclass(frozen=True)
+class LSQ(QuantConfig):
+    """LSQ: learned step sizes; signed symmetric weights; activations signed or unsigned
+    ("auto" decides from calibration data). Init s = 2<|v|>/sqrt(Q_P) unless overridden."""
+    activations: str = "auto"
+    w_init: str = "lsq"
+    a_init: str = "lsq"
+    grad_scale: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.activations not in ACT_MODES:
+            raise ConfigError(f"activations={self.activations!r}; expected one of {ACT_MODES}")
+        for name in ("w_init", "a_init"):
+            if getattr(self, name) not in INITS:
+                raise ConfigError(f"{name}={getattr(self, name)!r}; expected one of {INITS}")
+
+
+@register_config("lsq+")
+@dataclass(frozen=True)
+class LSQPlus(LSQ):
+    """LSQ+: learned offset beta for activations (unsigned levels + beta), 3-sigma weight init,
+    MSE (s, beta) activation init."""
+    activations: str = "offset"
+    w_init: str = "3sigma"
+    a_init: str = "mse"

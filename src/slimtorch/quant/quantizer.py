@@ -1,0 +1,193 @@
+"""Fake quantizer modules. ``Quantizer`` is the interface every weight/activation quantizer in
+slimtorch implements (report, budgets and export read only this interface); ``LSQQuantizer`` is the
+learned-step-size quantizer of LSQ (Esser et al. 2020) and, with ``learn_offset``, LSQ+ (Bhalgat et
+al. 2020). Both run through the shared core :func:`slimtorch.quant.fake_quant.fake_quant`."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .fake_quant import fake_quant, qrange, quantize_int
+from .init import EPS, lsq_init, minmax_init, mse_init, three_sigma_init
+
+INITS = ("lsq", "3sigma", "mse", "minmax")
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def check_bits(bits, what="bits", lo=MIN_BITS, hi=MAX_BITS) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not lo <= bits <= hi:
+        raise ConfigError(f"{what}={bits!r} is out of range: expected an integer in {lo}..{hi}")
+    return bits
+
+
+class Quantizer(nn.Module):
+    """Interface of all slimtorch quantizers.
+
+    ``bits`` (int), ``role`` ("weight" | "activation"), ``forward(x)`` (fake quantization),
+    ``quant_params()`` -> dict(scale, offset, q_n, q_p) describing the integer grid actually used,
+    ``to_int(x)`` -> integer levels, ``num_qparam_values()`` -> how many float parameters the
+    deployed layer stores for this quantizer (for the byte accounting)."""
+
+    role: str = "weight"
+
+    @property
+    def bits(self) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def quant_params(self) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def to_int(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.quant_params()
+        return quantize_int(x, p["scale"], p["q_n"], p["q_p"], p["offset"])
+
+    def num_qparam_values(self) -> int:
+        p = self.quant_params()
+        return p["scale"].numel() + (p["offset"].numel() if p["offset"] is not None else 0)
+
+    # calibration protocol (see slimtorch.calibrate)
+    observing: bool = False
+
+    def start_observing(self):
+        self.observing, self._obs = True, []
+
+    def finish_observing(self):
+        self.observing = False
+
+
+class LSQQuantizer(Quantizer):
+    """Learned step size s (and offset beta when ``learn_offset``), levels [q_n, q_p] from ``bits``.
+
+    ``signed=None`` (activations only) is decided from the first data seen: signed if it has negative
+    values. With ``learn_offset`` the levels are unsigned [0, 2^b - 1] and beta absorbs the offset
+    (LSQ+ Eq. 2). ``scale_shape`` selects per-tensor (all ones) or per-channel (C, 1, ...) steps.
+    The gradient scale is g = 1 / sqrt(N * Q_P) with N the elements per step size: for weights the
+    elements of the tensor (or channel); for activations the features of one sample (LSQ's N_F,
+    batch dimension excluded, so g does not depend on the batch size)."""
+
+    def __init__(self, bits: int, role: str = "weight", *, signed: bool | None = True,
+                 learn_offset: bool = False, scale_shape=(1,), init: str = "lsq",
+                 narrow: bool = False, use_grad_scale: bool = True):
+        super().__init__()
+        check_bits(bits, f"{role} bits", 1 if role == "weight" else 2)
+        if role not in ("weight", "activation"):
+            raise ConfigError(f"role must be 'weight' or 'activation', got {role!r}")
+        if init not in INITS:
+            raise ConfigError(f"unknown init {init!r}; expected one of {INITS}")
+        if learn_offset:
+            signed = False
+        self.role, self.init, self.narrow, self.learn_offset = role, init, narrow, learn_offset
+        self.use_grad_scale = use_grad_scale
+        self.scale = nn.Parameter(torch.ones(tuple(scale_shape)))
+        self.offset = nn.Parameter(torch.zeros(tuple(scale_shape))) if learn_offset else None
+        self.register_buffer("_bits", torch.tensor(bits, dtype=torch.int64))
+        self.register_buffer("_signed", torch.tensor(-1 if signed is None else int(signed)))
+        self.register_buffer("_initialized", torch.tensor(False))
+        self._sync()
+
+    # -- state mirrored in Python so the hot path never reads a device tensor --
+    def _sync(self):
+        self._b = int(self._bits)
+        s = int(self._signed)
+        self._sgn = None if s < 0 else bool(s)
+        self._init_done = bool(self._initialized)
+        if self._sgn is not None:
+            self.q_n, self.q_p = qrange(self._b, self._sgn, self.narrow)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync()
+
+    @property
+    def bits(self) -> int:
+        return self._b
+
+    @bits.setter
+    def bits(self, value: int):
+        check_bits(value, f"{self.role} bits", 1 if self.role == "weight" else 2)
+        self._bits.fill_(value)
+        self._sync()
+
+    @property
+    def signed(self):
+        return self._sgn
+
+    @property
+    def initialized(self) -> bool:
+        return self._init_done
+
+    def extra_repr(self):
+        kind = "lsq+" if self.learn_offset else "lsq"
+        per = "per-tensor" if self.scale.numel() == 1 else f"per-channel({self.scale.numel()})"
+        return f"{kind}, {self.role}, bits={self._b}, signed={self._sgn}, {per}, init={self.init}"
+
+    # -- initialisation --
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor):
+        """Set s (and beta) from data ``x`` with the configured initialiser."""
+        if x.numel() == 0:
+            raise ConfigError("cannot initialise a quantizer from an empty tensor")
+        if self._sgn is None:
+            self._signed.fill_(int(bool(x.min() < 0)))
+            self._sync()
+        shape = self.scale.shape
+        if self.init == "lsq":
+            self.scale.copy_(lsq_init(x, self.q_p, shape))
+        elif self.init == "3sigma":
+            self.scale.copy_(three_sigma_init(x, self._b, shape))
+        elif self.init == "minmax" or (self.init == "mse" and self.scale.numel() > 1):
+            s, b = minmax_init(x, self.q_n, self.q_p, shape, self.learn_offset)
+            self.scale.copy_(s)
+            if b is not None:
+                self.offset.copy_(b)
+        else:  # mse, per-tensor
+            s, b, _ = mse_init(x, self.q_n, self.q_p, self.learn_offset)
+            self.scale.fill_(float(s))
+            if b is not None:
+                self.offset.fill_(float(b))
+        if self.learn_offset and self.init in ("lsq", "3sigma"):
+            _, b = minmax_init(x, self.q_n, self.q_p, shape, True)
+            self.offset.copy_(b)
+        self._initialized.fill_(True)
+        self._sync()
+
+    # -- calibration: observe data, pass it through unchanged, initialise at the end --
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self._observe(x)
+            return x
+        if not self._init_done:
+            self.initialize(x)
+        n = x.numel() / self.scale.numel()
+        if self.role == "activation" and x.dim() > 1:
+            n /= x.shape[0]
+        g = 1.0 / math.sqrt(max(n, 1.0) * self.q_p) if self.use_grad_scale else 1.0
+        return fake_quant(x, self.scale.clamp_min(EPS), self.q_n, self.q_p, self.offset, g)
+
+    @torch.no_grad()
+    def _observe(self, x, keep=1 << 14):
+        flat = x.detach().reshape(-1)
+        if flat.numel() > keep:
+            idx = torch.randint(0, flat.numel(), (keep,), device=flat.device)
+            flat = torch.cat([flat[idx], flat.min()[None], flat.max()[None]])
+        self._obs.append(flat.float())
+
+    def finish_observing(self):
+        obs = getattr(self, "_obs", [])
+        self.observing, self._obs = False, []
+        if obs:
+            self.initialize(torch.cat(obs))
+
+    def num_qparam_values(self) -> int:
+        return self.scale.numel() + (self.offset.numel() if self.offset is not None else 0)
+
+    def quant_params(self) -> dict:
+        if self._sgn is None:
+            raise ConfigError("activation quantizer is not initialised yet: run slimtorch.calibrate "
+                              "or one forward pass first")
+        return {"scale": self.scale.detach().clamp_min(EPS),
+                "offset": None if self.offset is None else self.offset.detach(),
+                "q_n": self.q_n, "q_p": self.q_p}

@@ -1,0 +1,62 @@
+"""``report(model)``: per-layer rows (name, kind, params, weight bits, activation bits, bytes) and
+totals (bytes, FP32 bytes, compression ratio), printable as a table or markdown."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .search.budget import model_costs
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@dataclass
+class Report:
+    rows: list = field(default_factory=list)
+    totals: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"layers": [dict(r) for r in self.rows], **self.totals}
+
+    def _table(self):
+        head = ["layer", "kind", "params", "W bits", "A bits", "bytes"]
+        body = [[r["name"], r["kind"], f"{r['params']:,}", "fp32" if r["w_bits"] == 32 else str(r["w_bits"]),
+                 "fp32" if r["a_bits"] is None else str(r["a_bits"]), _fmt_bytes(r["bytes"])]
+                for r in self.rows]
+        t = self.totals
+        foot = ["total", "", f"{t['params']:,}", "", "", _fmt_bytes(t["bytes"])]
+        return head, body, foot
+
+    def __str__(self) -> str:
+        head, body, foot = self._table()
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *body, foot)]
+        line = lambda r: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
+                                   for i, (c, w) in enumerate(zip(r, widths)))
+        sep = "-" * (sum(widths) + 2 * (len(widths) - 1))
+        t = self.totals
+        tail = (f"FP32 {_fmt_bytes(t['fp32_bytes'])} -> {_fmt_bytes(t['bytes'])}  "
+                f"(x{t['compression']:.2f} smaller; other float params: {t['other_params']:,})")
+        return "\n".join([line(head), sep, *map(line, body), sep, line(foot), tail])
+
+    def to_markdown(self) -> str:
+        head, body, foot = self._table()
+        rows = [head, ["---"] * len(head), *body, foot]
+        t = self.totals
+        return ("\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows) +
+                f"\n\nFP32 {t['fp32_bytes']:,} B -> {t['bytes']:,} B (x{t['compression']:.2f}).\n")
+
+
+def report(model: nn.Module) -> Report:
+    costs = model_costs(model)
+    rows = [r.as_dict() for r in costs["layers"]]
+    totals = {"bytes": costs["bytes"], "fp32_bytes": costs["fp32_bytes"],
+              "compression": costs["compression"], "other_params": costs["other_params"],
+              "params": sum(r["params"] for r in rows) + costs["other_params"]}
+    return Report(rows, totals)

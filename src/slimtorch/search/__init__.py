@@ -1,0 +1,1 @@
+"""Searches and costs: budgets (bytes, BitOps), Hessian traces, bit allocation."""
