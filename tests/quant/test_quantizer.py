@@ -152,3 +152,17 @@ def test_quantized_training_step_reduces_loss():
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert all(p.grad is not None for n, p in m.named_parameters() if "scale" in n or "offset" in n)
+
+
+def test_encode_decode_bit_exact_and_rebuild():
+    from slimtorch.quant.quantizer import build_quantizer
+    torch.manual_seed(0)
+    for q, x in [(LSQQuantizer(3, "weight", scale_shape=(6, 1)), torch.randn(6, 10)),
+                 (LSQQuantizer(5, "activation", learn_offset=True, init="mse"), torch.randn(4, 30))]:
+        y = q(x)
+        codes = q.encode(x)
+        assert codes.min() >= 0 and codes.max() < 2 ** q.bits
+        assert torch.equal(q.decode(codes), y)
+        q2 = build_quantizer(q.spec())
+        q2.load_state_dict(q.state_dict())
+        assert torch.equal(q2(x), y)

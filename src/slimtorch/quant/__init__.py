@@ -2,8 +2,8 @@
 from .api import calibrate, quantize_, quantized_layers, weight_quantizer
 from .configs import LSQ, LSQPlus, QuantConfig
 from .fake_quant import dequantize, fake_quant, qrange, quantize_int, round_ste
-from .quantizer import LSQQuantizer, Quantizer
+from .quantizer import LSQQuantizer, Quantizer, build_quantizer, register_quantizer
 
 __all__ = ["calibrate", "quantize_", "quantized_layers", "weight_quantizer", "LSQ", "LSQPlus",
            "QuantConfig", "dequantize", "fake_quant", "qrange", "quantize_int", "round_ste",
-           "LSQQuantizer", "Quantizer"]
+           "LSQQuantizer", "Quantizer", "build_quantizer", "register_quantizer"]

@@ -23,6 +23,23 @@ def check_bits(bits, what="bits", lo=MIN_BITS, hi=MAX_BITS) -> int:
     return bits
 
 
+QUANTIZER_TYPES: dict[str, type] = {}
+
+
+def register_quantizer(cls):
+    """Make a Quantizer subclass rebuildable from ``spec()`` by name (used by the packed loader)."""
+    QUANTIZER_TYPES[cls.__name__] = cls
+    return cls
+
+
+def build_quantizer(spec: dict) -> "Quantizer":
+    spec = dict(spec)
+    name = spec.pop("type", None)
+    if name not in QUANTIZER_TYPES:
+        raise ConfigError(f"unknown quantizer type {name!r}; known: {sorted(QUANTIZER_TYPES)}")
+    return QUANTIZER_TYPES[name](**spec)
+
+
 class Quantizer(nn.Module):
     """Interface of all slimtorch quantizers.
 
@@ -44,6 +61,21 @@ class Quantizer(nn.Module):
         p = self.quant_params()
         return quantize_int(x, p["scale"], p["q_n"], p["q_p"], p["offset"])
 
+    # -- export protocol: codes in [0, 2^bits) that decode bit-exactly to forward(x) --
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Unsigned integer codes (int64) in [0, 2^bits - 1] of x under this quantizer."""
+        return (self.to_int(x) - self.quant_params()["q_n"]).to(torch.int64)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Float values of ``codes``: identical bits to ``forward`` on the encoded tensor."""
+        p = self.quant_params()
+        out = (codes.to(p["scale"].dtype) + p["q_n"]) * p["scale"]
+        return out + p["offset"] if p["offset"] is not None else out
+
+    def spec(self) -> dict:  # pragma: no cover - interface
+        """JSON-able constructor arguments (with "type") so ``build_quantizer`` can rebuild it."""
+        raise NotImplementedError
+
     def num_qparam_values(self) -> int:
         p = self.quant_params()
         return p["scale"].numel() + (p["offset"].numel() if p["offset"] is not None else 0)
@@ -58,6 +90,7 @@ class Quantizer(nn.Module):
         self.observing = False
 
 
+@register_quantizer
 class LSQQuantizer(Quantizer):
     """Learned step size s (and offset beta when ``learn_offset``), levels [q_n, q_p] from ``bits``.
 
@@ -81,6 +114,9 @@ class LSQQuantizer(Quantizer):
             signed = False
         self.role, self.init, self.narrow, self.learn_offset = role, init, narrow, learn_offset
         self.use_grad_scale = use_grad_scale
+        self._spec = {"type": type(self).__name__, "bits": bits, "role": role, "signed": signed,
+                      "learn_offset": learn_offset, "scale_shape": list(scale_shape), "init": init,
+                      "narrow": narrow, "use_grad_scale": use_grad_scale}
         self.scale = nn.Parameter(torch.ones(tuple(scale_shape)))
         self.offset = nn.Parameter(torch.zeros(tuple(scale_shape))) if learn_offset else None
         self.register_buffer("_bits", torch.tensor(bits, dtype=torch.int64))
@@ -180,6 +216,9 @@ class LSQQuantizer(Quantizer):
         self.observing, self._obs = False, []
         if obs:
             self.initialize(torch.cat(obs))
+
+    def spec(self) -> dict:
+        return dict(self._spec, bits=self._b, signed=self._sgn)
 
     def num_qparam_values(self) -> int:
         return self.scale.numel() + (self.offset.numel() if self.offset is not None else 0)
