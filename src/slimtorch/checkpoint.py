@@ -193,7 +193,8 @@ def _read_header(path: Path) -> tuple[dict, dict]:
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path} is not a slimtorch checkpoint: not a safetensors file "
                               f"(header is not valid JSON: {e})") from None
-    text = (header.get("__metadata__") or {}).get("slimtorch")
+    md = header.get("__metadata__")
+    text = md.get("slimtorch") if isinstance(md, dict) else None
     if text is None:
         raise CheckpointError(f"{path} is not a slimtorch checkpoint: a safetensors file without "
                               "'slimtorch' metadata")
@@ -210,7 +211,12 @@ def _read_header(path: Path) -> tuple[dict, dict]:
     if not isinstance(version, int) or version > VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {version!r}, newer than this "
                               f"slimtorch supports ({VERSION}); upgrade slimtorch to read it")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (KeyError, TypeError, IndexError, ValueError):
+        raise CheckpointError(f"{path} is corrupt: its safetensors header has a malformed tensor "
+                              "entry") from None
     if size != 8 + n + end:
         what = "truncated" if size < 8 + n + end else "corrupt (trailing bytes)"
         raise CheckpointError(f"{path} is {what}: expected {8 + n + end} bytes, found {size}")

@@ -7,7 +7,7 @@ batches; iterating the loader directly walks epochs 0, 1, 2, ... (or from ``set_
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from slimtorch.errors import ConfigError
 
-__all__ = ["epoch_seed", "epoch_generator", "EpochLoader", "make_loader", "make_loaders"]
+__all__ = ["epoch_seed", "epoch_generator", "EpochBatches", "EpochLoader", "make_loader", "make_loaders"]
 
 
 def _nonneg_int(value, what: str) -> int:
@@ -34,6 +34,23 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded from (seed, epoch), e.g. for a plain DataLoader's ``generator``."""
     return torch.Generator().manual_seed(epoch_seed(seed, epoch))
+
+
+class EpochBatches:
+    """One epoch's batches (fixed index chunks); iterable, possibly more than once, with a length."""
+
+    def __init__(self, dataset: Dataset, chunks: List[torch.Tensor]):
+        self.dataset, self.chunks = dataset, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, ...]]:
+        if isinstance(self.dataset, TensorDataset):
+            tensors = self.dataset.tensors
+            return (tuple(t[c] for t in tensors) for c in self.chunks)
+        loader = DataLoader(self.dataset, batch_sampler=[c.tolist() for c in self.chunks], num_workers=0)
+        return (tuple(b) if isinstance(b, (list, tuple)) else b for b in loader)
 
 
 class EpochLoader:
@@ -91,22 +108,21 @@ class EpochLoader:
             idx = idx[self.rank:total:self.num_replicas]
         return idx
 
-    def batches(self, epoch: int, start: int = 0) -> Iterator[Tuple[torch.Tensor, ...]]:
-        """Batches of ``epoch`` beginning at batch number ``start`` (to resume a checkpoint mid-epoch)."""
+    def batches(self, epoch: int, start: int = 0) -> "EpochBatches":
+        """Batches of ``epoch`` beginning at batch number ``start`` (to resume a checkpoint mid-epoch).
+
+        The result has a ``len`` (batches left), so ``loader.batches`` can be handed to a trainer as
+        its ``train_batches(epoch)`` function.
+        """
         start = _nonneg_int(start, "start")
         idx = self.order(epoch)
         bounds = [(b * self.batch_size, min((b + 1) * self.batch_size, len(idx))) for b in range(len(self))]
-        chunks = [idx[lo:hi] for lo, hi in bounds[start:]]
-        if isinstance(self.dataset, TensorDataset):
-            tensors = self.dataset.tensors
-            return (tuple(t[c] for t in tensors) for c in chunks)
-        loader = DataLoader(self.dataset, batch_sampler=[c.tolist() for c in chunks], num_workers=0)
-        return (tuple(b) if isinstance(b, (list, tuple)) else b for b in loader)
+        return EpochBatches(self.dataset, [idx[lo:hi] for lo, hi in bounds[start:]])
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, ...]]:
         epoch = self.epoch
         self.epoch += 1
-        return self.batches(epoch)
+        return iter(self.batches(epoch))
 
     def __repr__(self) -> str:
         return (f"EpochLoader(n={len(self.dataset)}, batch_size={self.batch_size}, seed={self.seed}, "

@@ -90,5 +90,5 @@ class CifarResNet(nn.Module):
 
 
 def resnet20(num_classes: int = 10, in_channels: int = 3, width: int = 16, shortcut: str = "A") -> CifarResNet:
-    """ResNet-20: 272,474 parameters with the default option-A shortcuts and 10 classes."""
+    """ResNet-20: 269,722 parameters with the default option-A shortcuts (272,474 with option B)."""
     return CifarResNet(3, num_classes=num_classes, in_channels=in_channels, width=width, shortcut=shortcut)

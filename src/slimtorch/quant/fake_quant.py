@@ -50,42 +50,56 @@ def _reduce(grad: torch.Tensor, like) -> torch.Tensor | None:
     return grad.sum_to_size(like.shape) if grad.shape != like.shape else grad
 
 
+def _wsum(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) reduced to ``like``'s shape; a single dot product when ``like`` has one element."""
+    if like.numel() == 1:
+        return torch.dot(a.reshape(-1), b.reshape(-1).to(a.dtype)).reshape(like.shape)
+    return (a * b).sum_to_size(like.shape)
+
+
+def _clamped_u(x, scale, offset, q_n, q_p):
+    """u = (x - beta) / s, as x * (1/s) - beta/s, and c = clamp(u, q_n, q_p). Shared by the
+    training forward and the integer export path so both round identically."""
+    inv = 1.0 / scale
+    u = torch.addcmul(-offset * inv, x, inv) if offset is not None else x * inv
+    return u, torch.clamp(u, q_n, q_p)
+
+
 class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, offset, q_n, q_p, g):
-        u = x - offset if offset is not None else x
-        u = u / scale
-        out = torch.clamp(torch.round(u), q_n, q_p) * scale
-        if offset is not None:
-            out = out + offset
-        ctx.save_for_backward(x, scale, offset, *(t for t in (q_n, q_p) if isinstance(t, torch.Tensor)))
-        ctx.bounds = tuple(isinstance(t, torch.Tensor) for t in (q_n, q_p))
-        ctx.q_consts = (q_n, q_p)
-        ctx.g = g
+        u, c = _clamped_u(x, scale, offset, q_n, q_p)
+        inside = c == u
+        del u
+        q = torch.round(c)  # = clamp(round(u), q_n, q_p) for integer bounds
+        out = torch.addcmul(offset, q, scale) if offset is not None else q * scale
+        tensor_bounds = tuple(isinstance(t, torch.Tensor) for t in (q_n, q_p))
+        ctx.save_for_backward(c, q, inside, scale, offset,
+                              *(t for t in (q_n, q_p) if isinstance(t, torch.Tensor)))
+        ctx.bounds, ctx.g = tensor_bounds, g
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, scale, offset, *qs = ctx.saved_tensors
-        q_n, q_p = ctx.q_consts
-        it = iter(qs)
-        q_n = next(it) if ctx.bounds[0] else q_n
-        q_p = next(it) if ctx.bounds[1] else q_p
-        u = (x - offset) / scale if offset is not None else x / scale
-        below, above = u < q_n, u > q_p
-        inside = ~(below | above)
-        grad_x = grad_out * inside if ctx.needs_input_grad[0] else None
+        c, q, inside, scale, offset, *qs = ctx.saved_tensors
+        g = grad_out
+        gx = g * inside
         grad_s = grad_off = grad_qn = grad_qp = None
         if ctx.needs_input_grad[1]:
-            q = torch.clamp(torch.round(u), q_n, q_p)
-            grad_s = _reduce(grad_out * (q - u * inside), scale) * ctx.g
+            # inside: round(u) - u = q - c; outside: q (the bound)  ->  sum g*q - sum g_inside*c
+            grad_s = (_wsum(g, q, scale) - _wsum(gx, c, scale)) * ctx.g
         if offset is not None and ctx.needs_input_grad[2]:
-            grad_off = _reduce(grad_out * (~inside), offset) * ctx.g
-        if ctx.bounds[0] and ctx.needs_input_grad[3]:
-            grad_qn = _reduce(grad_out * below * scale, q_n)
-        if ctx.bounds[1] and ctx.needs_input_grad[4]:
-            grad_qp = _reduce(grad_out * above * scale, q_p)
-        return grad_x, grad_s, grad_off, grad_qn, grad_qp, None
+            grad_off = (g - gx).sum_to_size(offset.shape) * ctx.g
+        it = iter(qs)
+        if ctx.bounds[0]:
+            q_n = next(it)
+            if ctx.needs_input_grad[3]:
+                grad_qn = _reduce(g * (~inside & (c == q_n)) * scale, q_n)
+        if ctx.bounds[1]:
+            q_p = next(it)
+            if ctx.needs_input_grad[4]:
+                grad_qp = _reduce(g * (~inside & (c == q_p)) * scale, q_p)
+        return (gx if ctx.needs_input_grad[0] else None), grad_s, grad_off, grad_qn, grad_qp, None
 
 
 def fake_quant(
@@ -104,11 +118,10 @@ def fake_quant(
 @torch.no_grad()
 def quantize_int(x, scale, q_n, q_p, offset=None) -> torch.Tensor:
     """The integer levels x_bar that ``fake_quant`` multiplies back (same arithmetic, exact)."""
-    u = x - offset if offset is not None else x
-    return torch.clamp(torch.round(u / scale), float(q_n), float(q_p))
+    return torch.round(_clamped_u(x, scale, offset, q_n, q_p)[1])
 
 
 def dequantize(x_bar: torch.Tensor, scale, offset=None) -> torch.Tensor:
     """x_bar * s + beta, the inverse map used by export (bit-identical to the fake-quant output)."""
-    out = x_bar.to(scale.dtype) * scale
-    return out + offset if offset is not None else out
+    x_bar = x_bar.to(scale.dtype)
+    return torch.addcmul(offset, x_bar, scale) if offset is not None else x_bar * scale

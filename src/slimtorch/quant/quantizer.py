@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .fake_quant import fake_quant, qrange, quantize_int
+from .fake_quant import dequantize, fake_quant, qrange, quantize_int
 from .init import EPS, lsq_init, minmax_init, mse_init, three_sigma_init
 
 INITS = ("lsq", "3sigma", "mse", "minmax")
@@ -69,8 +69,7 @@ class Quantizer(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Float values of ``codes``: identical bits to ``forward`` on the encoded tensor."""
         p = self.quant_params()
-        out = (codes.to(p["scale"].dtype) + p["q_n"]) * p["scale"]
-        return out + p["offset"] if p["offset"] is not None else out
+        return dequantize(codes.to(p["scale"].dtype) + p["q_n"], p["scale"], p["offset"])
 
     def spec(self) -> dict:  # pragma: no cover - interface
         """JSON-able constructor arguments (with "type") so ``build_quantizer`` can rebuild it."""

@@ -1,0 +1,125 @@
+"""``run_recipe``: the CLI's main job, built only from public library verbs.
+
+data -> model -> float training (or float checkpoint) -> evaluate -> quantize_ + calibrate ->
+fine-tune (QAT) -> evaluate -> report -> packed export -> metrics.json + report.md.
+Each training stage checkpoints atomically in the output folder; ``resume=True`` continues there."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint, read_checkpoint
+from .data import load_dataset, make_loaders
+from .errors import CheckpointError
+from .models import build_model
+from .quant import calibrate, quantize_
+from .recipe import Recipe
+from .report import report
+from .train import TrainConfig, evaluate, train
+
+
+def load_float_weights(model: torch.nn.Module, path) -> None:
+    """Float weights from a slimtorch checkpoint or a plain safetensors state dict (never a pickle)."""
+    path = Path(path)
+    try:
+        load_checkpoint(path, model=model, restore_rng=False)
+        return
+    except CheckpointError as e:
+        if "slimtorch" not in str(e) or not path.is_file():
+            raise
+    from safetensors.torch import load_file
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise CheckpointError(f"{path}: not a slimtorch checkpoint nor a safetensors state dict ({e})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit the model: missing {missing}, unexpected {unexpected}")
+
+
+def _train_config(section: dict, seed: int) -> TrainConfig:
+    return TrainConfig(**{"seed": seed, **section})
+
+
+def _export(model, out: Path, recipe: Recipe) -> dict:
+    path = out / recipe.export.get("path", "model.slim")
+    try:
+        from .export import save_packed
+    except ImportError:  # packed export not available: plain safetensors + JSON
+        from .checkpoint import save_checkpoint
+        path = path.with_suffix(".safetensors")
+        save_checkpoint(path, model=model, trainer_state={"recipe": recipe.source})
+        return {"path": str(path), "file_bytes": path.stat().st_size, "format": "checkpoint"}
+    save_packed(model, path)
+    return {"path": str(path), "file_bytes": path.stat().st_size, "format": "slim"}
+
+
+def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool = True) -> dict:
+    """Execute ``recipe`` writing into ``out_dir``; returns the metrics (also in metrics.json)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    bundle = load_dataset(recipe.data["name"], **recipe.data.get("options", {}))
+    kwargs = {"num_classes": bundle.num_classes, **recipe.model.get("kwargs", {})}
+    model = build_model(recipe.model["name"], **kwargs)
+    eval_bs = recipe.data.get("eval_batch_size", 256)
+
+    def loaders(section):
+        cfg = _train_config(section or {}, recipe.seed)
+        if not progress:
+            cfg = replace(cfg, progress=False)
+        tr, te = make_loaders(bundle, batch_size=cfg.batch_size, seed=recipe.seed, test_batch_size=eval_bs)
+        return cfg, tr, te
+
+    metrics: dict = {"recipe": recipe.name, "dataset": bundle.name, "model": recipe.model["name"]}
+    if recipe.model.get("checkpoint"):
+        load_float_weights(model, recipe.model["checkpoint"])
+        _, _, test = loaders(recipe.train)
+    else:
+        cfg, tr, test = loaders(recipe.train)
+        train(model, tr.batches, cfg, checkpoint_path=out / "float.ckpt", resume=resume)
+    metrics["fp32_accuracy"] = evaluate(model, test.batches(0))["accuracy"]
+    metrics["fp32_size_bytes"] = report(model).totals["fp32_bytes"]
+    metrics["fp32_seconds"] = round(time.time() - t0, 2)
+
+    if recipe.compress is not None:
+        sel = recipe.select
+        quantize_(model, recipe.compress, include=sel.get("include"), exclude=sel.get("exclude"),
+                  plan=sel.get("plan"))
+        cfg, tr, test = loaders(recipe.finetune)
+        calibrate(model, tr.batches(0), num_batches=sel.get("calibrate_batches", 8))
+        metrics["calibrated_accuracy"] = evaluate(model, test.batches(0))["accuracy"]
+        if recipe.finetune is not None and cfg.epochs > 0:
+            train(model, tr.batches, cfg, checkpoint_path=out / "finetune.ckpt", resume=resume)
+    rep = report(model)
+    metrics["accuracy"] = evaluate(model, test.batches(0))["accuracy"]
+    metrics["size_bytes"] = rep.totals["bytes"]
+    metrics["compression"] = round(rep.totals["compression"], 3)
+    metrics["layers"] = [{k: r[k] for k in ("name", "kind", "w_bits", "a_bits", "params", "bytes")}
+                         for r in rep.rows]
+    metrics["export"] = _export(model, out, recipe)
+    metrics["seconds"] = round(time.time() - t0, 2)
+    _write_json(out / "metrics.json", metrics)
+    (out / "report.md").write_text(_markdown(metrics, rep))
+    return metrics
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def _markdown(m: dict, rep) -> str:
+    lines = [f"# slimtorch report: {m['recipe']}", "",
+             f"- dataset `{m['dataset']}`, model `{m['model']}`",
+             f"- FP32 accuracy {100 * m['fp32_accuracy']:.2f}% -> compressed {100 * m['accuracy']:.2f}%",
+             f"- size {m['fp32_size_bytes']:,} B -> {m['size_bytes']:,} B (x{m['compression']}); "
+             f"file `{Path(m['export']['path']).name}` {m['export']['file_bytes']:,} B", "",
+             rep.to_markdown()]
+    return "\n".join(lines)
