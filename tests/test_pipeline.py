@@ -1,0 +1,88 @@
+"""End to end: run_recipe writes metrics/report/export; bad input fails early; resume is exact."""
+import json
+import os
+import signal
+
+import pytest
+
+import slimtorch.pipeline as pipeline
+from slimtorch.cli import main
+from slimtorch.errors import CheckpointError, DataError, PatternError
+from slimtorch.recipe import parse_recipe
+
+DOC = {"seed": 0, "data": {"name": "digits", "options": {"limit_train": 400, "limit_test": 200}},
+       "model": {"name": "digits_mlp", "kwargs": {"hidden": 32}},
+       "train": {"epochs": 2, "lr": 0.01, "batch_size": 32, "progress": False, "checkpoint_every": 3},
+       "compress": {"method": "lsq+", "w_bits": 4, "a_bits": 4, "calibrate_batches": 2},
+       "finetune": {"epochs": 2, "lr": 0.002, "batch_size": 32, "progress": False, "checkpoint_every": 3}}
+
+
+def test_run_recipe_writes_everything(tmp_path):
+    m = pipeline.run_recipe(parse_recipe(DOC), tmp_path, progress=False)
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("fp32_accuracy", "accuracy", "fp32_size_bytes", "size_bytes", "layers"):
+        assert key in data
+    assert data["size_bytes"] < data["fp32_size_bytes"] / 6
+    assert all(r["w_bits"] == 4 and r["a_bits"] == 4 for r in data["layers"])  # first+last too
+    assert data["accuracy"] > 0.6 and m["export"]["file_bytes"] > 0
+    assert "| layer |" in (tmp_path / "report.md").read_text()
+
+
+def test_resume_after_interrupt_matches_uninterrupted(tmp_path, monkeypatch):
+    ref = pipeline.run_recipe(parse_recipe(DOC), tmp_path / "ref", progress=False)
+    real_train = pipeline.train
+    calls = {"n": 0}
+
+    def interrupting_train(model, batches, cfg, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the fine-tuning stage: SIGINT in the middle of epoch 1
+            def on_step(m, step):
+                if step == 17:
+                    os.kill(os.getpid(), signal.SIGINT)
+            kw["on_step"] = on_step
+        return real_train(model, batches, cfg, **kw)
+
+    monkeypatch.setattr(pipeline, "train", interrupting_train)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_recipe(parse_recipe(DOC), tmp_path / "cut", progress=False)
+    assert (tmp_path / "cut" / "finetune.ckpt").exists()
+    monkeypatch.setattr(pipeline, "train", real_train)
+    res = pipeline.run_recipe(parse_recipe(DOC), tmp_path / "cut", resume=True, progress=False)
+    assert res["accuracy"] == ref["accuracy"] and res["fp32_accuracy"] == ref["fp32_accuracy"]
+    from safetensors import safe_open
+    files = [tmp_path / d / ref["export"]["path"].split("/")[-1] for d in ("ref", "cut")]
+    tensors = []
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            tensors.append({k: h.get_tensor(k) for k in h.keys()})
+    assert tensors[0].keys() == tensors[1].keys()
+    assert all((tensors[0][k] == tensors[1][k]).all() for k in tensors[0])
+
+
+@pytest.mark.parametrize("change,err,match", [
+    (("data", "name", "nosuchdata"), DataError, "nosuchdata"),
+    (("model", "name", "nosuchmodel"), Exception, "nosuchmodel"),
+    (("compress", "include", "conv*"), PatternError, "conv"),
+    (("data", "options", {"limit_train": 0}), DataError, "digits"),
+])
+def test_bad_input_fails_early(tmp_path, change, err, match):
+    doc = {k: dict(v) if isinstance(v, dict) else v for k, v in DOC.items()}
+    sec, key, val = change
+    doc[sec][key] = val
+    with pytest.raises(err, match=match):
+        pipeline.run_recipe(parse_recipe(doc), tmp_path, progress=False)
+
+
+def test_float_checkpoint_that_is_not_one(tmp_path):
+    bad = tmp_path / "w.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    doc = {**DOC, "model": {"name": "digits_mlp", "checkpoint": str(bad)}, "train": None}
+    with pytest.raises(CheckpointError, match="w.ckpt"):
+        pipeline.run_recipe(parse_recipe(doc), tmp_path / "o", progress=False)
+
+
+def test_cli_reports_errors_with_exit_code(tmp_path, capsys):
+    r = tmp_path / "r.yaml"
+    r.write_text("data: {name: digits}\nmodel: {name: digits_mlp}\ntrain: {epochs: 1, lr: 0}\n")
+    assert main(["run", str(r), "--out", str(tmp_path / "o")]) == 2
+    assert "lr" in capsys.readouterr().err

@@ -1,0 +1,60 @@
+"""Recipe validation: every bad input fails early with a message naming the problem."""
+import pytest
+
+from slimtorch.errors import ConfigError
+from slimtorch.quant import LSQPlus
+from slimtorch.recipe import load_recipe, parse_recipe
+
+BASE = {"seed": 1, "data": {"name": "digits"}, "model": {"name": "digits_mlp"},
+        "train": {"epochs": 1, "lr": 0.01}, "compress": {"method": "lsq+", "w_bits": 4, "a_bits": 4,
+                                                          "include": ["fc*"]},
+        "finetune": {"epochs": 1}}
+
+
+def _with(section, **kv):
+    doc = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BASE.items()}
+    doc[section] = {**doc.get(section, {}), **kv} if isinstance(doc.get(section), dict) else kv
+    return doc
+
+
+def test_parse_builds_method_config():
+    r = parse_recipe(BASE)
+    assert isinstance(r.compress, LSQPlus) and r.compress.w_bits == 4
+    assert r.select == {"include": ["fc*"]} and r.seed == 1
+
+
+@pytest.mark.parametrize("doc,match", [
+    ({**BASE, "trian": {}}, "trian"),
+    (_with("data", batchsize=3), "batchsize"),
+    (_with("model", nme="x"), "nme"),
+    (_with("compress", wbits=4), "wbits"),
+    (_with("compress", method="nope"), "nope"),
+    (_with("compress", w_bits=9), "w_bits"),
+    (_with("compress", a_bits=1), "a_bits"),
+    (_with("train", lr=0), "lr"),
+    (_with("finetune", lr=-1), "lr"),
+    (_with("train", optimizer="adamx"), "optimizer"),
+    ({k: v for k, v in BASE.items() if k != "data"}, "data"),
+    ({**BASE, "train": None}, "checkpoint"),
+    ({**BASE, "seed": "x"}, "seed"),
+])
+def test_bad_recipes_name_the_problem(doc, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_recipe(doc)
+
+
+def test_load_recipe_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_recipe(bad)
+
+
+def test_shipped_recipes_parse():
+    from pathlib import Path
+    recipes = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
+    assert recipes
+    for p in recipes:
+        load_recipe(p)
