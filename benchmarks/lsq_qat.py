@@ -44,8 +44,8 @@ def main():
     net, _, tr, te = float_model("mnist_cnn", "mnist", fcfg, opts, tag="-quick" if q else "")
     rows, fp32, ctrl = rows_for("MNIST CNN", net, tr, te, methods, ft)
 
-    f1 = TrainConfig(epochs=10 if q else 60, lr=3e-3, batch_size=100, progress=False)
-    ft1 = TrainConfig(epochs=3 if q else 10, lr=1e-3, batch_size=100, progress=False)
+    f1 = TrainConfig(epochs=20 if q else 150, lr=1e-2, batch_size=100, progress=False)
+    ft1 = TrainConfig(epochs=3 if q else 20, lr=2e-3, batch_size=100, progress=False)
     net1, _, tr1, te1 = float_model("mnist1d_cnn", "mnist1d", f1, tag="-quick" if q else "")
     rows1, _, _ = rows_for("mnist1d CNN", net1, tr1, te1, methods, ft1)
 
