@@ -1,0 +1,42 @@
+"""The same verbs on every available device (CPU always; CUDA when present): nothing assumes CPU."""
+import pytest
+import torch
+from torch import nn
+
+import slimtorch as st
+from slimtorch.quant import fake_quant
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fake_quant_same_on_device(device):
+    torch.manual_seed(0)
+    x = torch.randn(8, 16) * 3
+    s = torch.tensor([0.2]); b = torch.tensor([0.1])
+    outs, grads = [], []
+    for dev in ("cpu", device):
+        xx = x.to(dev).requires_grad_(True)
+        ss, bb = s.to(dev).requires_grad_(True), b.to(dev).requires_grad_(True)
+        y = fake_quant(xx, ss, 0, 15, bb, 0.5)
+        y.sum().backward()
+        outs.append(y.detach().cpu())
+        grads.append([t.grad.cpu() for t in (xx, ss, bb)])
+    assert torch.equal(outs[0], outs[1])
+    for g0, g1 in zip(*grads):
+        assert torch.allclose(g0, g1, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_calibrate_train_on_device(device):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6, 3)).to(device)
+    st.quantize_(m, st.LSQPlus(w_bits=3, a_bits=4, weights="per_channel"))
+    x, y = torch.randn(16, 2, 8, device=device), torch.randint(0, 3, (16,), device=device)
+    st.calibrate(m, [(x,)])
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+    assert all(p.device.type == device for p in m.parameters())
+    assert st.report(m).totals["bytes"] > 0
