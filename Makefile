@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/slimtorch run recipes/digits-lsqplus-w4a4.yaml --out $(OUT)
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 clean:
 	rm -rf runs .pytest_cache

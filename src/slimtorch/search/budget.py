@@ -142,3 +142,98 @@ def trace_layers(model: nn.Module, example_input, names=None) -> dict[str, Layer
 def bitops(shapes: dict[str, LayerShape], bits: dict[str, tuple[int, int | None]]) -> int:
     """Sum over layers of MACs x w_bits x a_bits (float activations count 32 bits)."""
     return sum(s.macs * bits[n][0] * (bits[n][1] or FLOAT_BITS) for n, s in shapes.items() if n in bits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation sizes and differentiable sizes (Uhlich et al. 2020, Eq. 8a-c and Table 2)
+# ---------------------------------------------------------------------------------------------
+# Activation bytes of a layer = elements of its *quantized input* per sample x a_bits / 8 (rounded up
+# to whole bytes). slimtorch quantizes layer inputs, so this counts the feature maps that feed the
+# quantized layers (the paper counts the quantized outputs of its nonlinearities; the same maps for a
+# chain of layers). Layers whose input stays float are not counted (the paper does not count its float
+# input image either). Embeddings have no activation quantizer.
+
+def quantizer_bits_tensor(q, dtype=None):
+    """Bits of quantizer ``q`` as a float tensor: differentiable for learned-bit quantizers (their
+    ``bits_tensor()``), a constant otherwise; 32 for ``None`` (float)."""
+    import torch
+
+    if q is None:
+        return torch.tensor(float(FLOAT_BITS), dtype=dtype or torch.float64)
+    fn = getattr(q, "bits_tensor", None)
+    b = fn() if callable(fn) else torch.tensor(float(q.bits))
+    return b.to(dtype or torch.float64)
+
+
+def _ceil_ste(x):
+    return x.ceil().detach() + (x - x.detach())
+
+
+def layer_weight_bytes_tensor(module: nn.Module, bias_bits: bool = False):
+    """Differentiable bytes of one layer's weights. Default: as the packed file stores it (weights at
+    w_bits, bias and quantizer parameters float32; value = ``layer_cost(...).bytes``). ``bias_bits``:
+    the paper's Table 2, (weights + bias) x b_w / 8, no quantizer parameters."""
+    import torch
+
+    from ..quant.api import weight_quantizer
+    wq, aq = weight_quantizer(module), input_quantizer(module)
+    w = raw_weight(module).numel()
+    bias = getattr(module, "bias", None)
+    nb = bias.numel() if bias is not None and hasattr(bias, "numel") else 0
+    b = quantizer_bits_tensor(wq)
+    if bias_bits:
+        return _ceil_ste((w + nb) * b / 8)
+    qparams = sum(q.num_qparam_values() for q in (wq, aq) if isinstance(q, Quantizer))
+    return _ceil_ste(w * b / 8) + torch.tensor(4.0 * (nb + qparams), dtype=b.dtype)
+
+
+def weight_bytes_tensor(model: nn.Module, bias_bits: bool = False):
+    """Sum of :func:`layer_weight_bytes_tensor` over the quantizable layers (the paper's S^w, Eq. 8a;
+    float parameters outside those layers, e.g. norms, are not included)."""
+    return sum(layer_weight_bytes_tensor(m, bias_bits) for m in _quantizable(model))
+
+
+def weight_bytes(model: nn.Module, bias_bits: bool = False) -> int:
+    """Integer value of :func:`weight_bytes_tensor` (= sum of ``layer_cost(..).bytes`` by default)."""
+    import torch
+
+    with torch.no_grad():
+        return int(round(float(weight_bytes_tensor(model, bias_bits))))
+
+
+def _quantizable(model):
+    return [m for m in model.modules() if isinstance(m, QUANTIZABLE)]
+
+
+def activation_layers(model: nn.Module):
+    """(name, module, input_quantizer) of every layer whose input is quantized."""
+    return [(n, m, input_quantizer(m)) for n, m in model.named_modules()
+            if isinstance(m, QUANTIZABLE) and isinstance(input_quantizer(m), Quantizer)]
+
+
+def activation_bytes_tensors(model: nn.Module, shapes: dict | None = None) -> dict:
+    """{layer: differentiable bytes per sample of its quantized input} (Table 2's S^x). Elements per
+    sample come from ``shapes`` (``trace_layers``) or, for learned-bit quantizers, from the last
+    forward pass (``sample_numel``)."""
+    from ..errors import ConfigError
+    out = {}
+    for name, _, aq in activation_layers(model):
+        numel = shapes[name].in_numel if shapes is not None and name in shapes else \
+            getattr(aq, "sample_numel", None)
+        if numel is None:
+            raise ConfigError(f"activation size of layer {name!r} is unknown: run one forward pass "
+                              "first or pass shapes=trace_layers(model, example_input)")
+        out[name] = _ceil_ste(numel * quantizer_bits_tensor(aq) / 8)
+    return out
+
+
+def activation_costs(model: nn.Module, example_input=None, shapes: dict | None = None) -> dict:
+    """Per-sample activation bytes per layer (ints) with their sum and max (Eq. 8b, 8c), from
+    ``trace_layers(model, example_input)`` or given ``shapes``."""
+    import torch
+
+    if shapes is None and example_input is not None:
+        shapes = trace_layers(model, example_input)
+    with torch.no_grad():
+        per = {n: int(t) for n, t in activation_bytes_tensors(model, shapes).items()}
+    return {"layers": per, "sum": sum(per.values()), "max": max(per.values(), default=0)}

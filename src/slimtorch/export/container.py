@@ -1,0 +1,165 @@
+"""The file container: a valid safetensors file that slimtorch writes itself, with checksums.
+
+Layout: 8-byte little-endian header length N, N bytes of JSON (space-padded to a multiple of 8),
+then the tensors' bytes back to back in header order. The JSON holds safetensors' index
+{name: {dtype, shape, data_offsets}} and ``__metadata__`` with three strings:
+
+    "slimtorch.packed"  the format description (JSON text, see packed.py)
+    "sha256.header"     SHA-256 of canonical(index) + 0x00 + the format text
+    "sha256.data"       SHA-256 of the data section
+
+The format text also carries "crc32": 8 hex digits per tensor in index order, used only to name
+the tensor a data-checksum failure comes from. Reading never unpickles anything."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+
+META_KEY = "slimtorch.packed"
+DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+          torch.uint8: "U8", torch.bool: "BOOL"}
+TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
+ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+            "BOOL": 1}
+
+
+def _canonical(index: dict) -> bytes:
+    return json.dumps(index, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _header_digest(index: dict, text: str) -> str:
+    return hashlib.sha256(_canonical(index) + b"\0" + text.encode()).hexdigest()
+
+
+def _tensor_bytes(t) -> tuple[str, list[int], bytes]:
+    if isinstance(t, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(t))
+    t = t.detach().cpu().contiguous()
+    if t.dtype not in DTYPES:
+        raise CheckpointError(f"cannot store a tensor of dtype {t.dtype}")
+    raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    return DTYPES[t.dtype], list(t.shape), raw.numpy().tobytes()
+
+
+def write_container(path, tensors: dict, meta: dict) -> int:
+    """Write ``tensors`` (name -> tensor/ndarray, written in this order) and ``meta`` atomically.
+    Returns the file size in bytes."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise CheckpointError(f"cannot write {path}: directory {path.parent} does not exist")
+    index, chunks, offset = {}, [], 0
+    for name, t in tensors.items():
+        dtype, shape, raw = _tensor_bytes(t)
+        index[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    meta = dict(meta, crc32="".join(f"{zlib.crc32(c):08x}" for c in chunks))
+    text = json.dumps(meta, separators=(",", ":"))
+    data = b"".join(chunks)
+    head = {"__metadata__": {META_KEY: text, "sha256.header": _header_digest(index, text),
+                             "sha256.data": hashlib.sha256(data).hexdigest()}, **index}
+    hb = json.dumps(head, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(hb)) + hb)
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return 8 + len(hb) + len(data)
+
+
+def _fail(path, msg):
+    raise CheckpointError(f"{path}: {msg}")
+
+
+def _check_index(path, index: dict, data_len: int):
+    spans = []
+    for name, e in index.items():
+        if not isinstance(e, dict) or e.get("dtype") not in ITEMSIZE:
+            _fail(path, f"tensor {name!r} has an unknown dtype {e.get('dtype') if isinstance(e, dict) else e!r}")
+        shape, offs = e.get("shape"), e.get("data_offsets")
+        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
+                or not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) for o in offs) or not 0 <= offs[0] <= offs[1]):
+            _fail(path, f"tensor {name!r} has a malformed shape or data_offsets in the header")
+        numel = int(np.prod(shape, dtype=np.int64))
+        if offs[1] - offs[0] != numel * ITEMSIZE[e["dtype"]]:
+            _fail(path, f"tensor {name!r}: shape {shape} ({e['dtype']}) needs "
+                        f"{numel * ITEMSIZE[e['dtype']]} bytes but the header gives it {offs[1] - offs[0]}")
+        spans.append((offs[0], offs[1], name))
+    end = 0
+    for a, b, name in sorted(spans):
+        if a != end:
+            _fail(path, f"tensor {name!r} overlaps another or leaves a gap in the data section")
+        end = b
+    if end != data_len:
+        what = "truncated" if end > data_len else "corrupt (trailing bytes after the last tensor)"
+        _fail(path, f"file is {what}: the header describes {end} data bytes, the file has {data_len}")
+
+
+def read_container(path) -> tuple[dict, dict, dict]:
+    """Read and verify a container. Returns (meta, tensors: name -> CPU tensor, index)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"packed model {path} does not exist or is not a file")
+    blob = path.read_bytes()
+    if len(blob) < 8:
+        _fail(path, f"not a slimtorch packed model: {len(blob)} bytes (empty or truncated)")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > len(blob) - 8:
+        if blob[8:9] == b"{":
+            _fail(path, f"file is truncated: its header needs {n} bytes, only {len(blob) - 8} follow")
+        _fail(path, "not a slimtorch packed model (not a safetensors file)")
+    try:
+        head = json.loads(blob[8:8 + n].decode("utf-8"))
+        assert isinstance(head, dict)
+    except (UnicodeDecodeError, ValueError, AssertionError):
+        _fail(path, "header is corrupt: not valid JSON (not a safetensors file, or damaged)")
+    md = head.pop("__metadata__", None) or {}
+    if not isinstance(md, dict) or META_KEY not in md:
+        hint = " (it is a training checkpoint: use load_checkpoint)" if "slimtorch" in md else ""
+        _fail(path, f"not a slimtorch packed model: no {META_KEY!r} metadata{hint}")
+    try:
+        meta = json.loads(md[META_KEY])
+        assert isinstance(meta, dict)
+    except (TypeError, ValueError, AssertionError):
+        _fail(path, "header is corrupt: the slimtorch metadata is not valid JSON")
+    from .packed import FORMAT, VERSION  # the format owns its tag and version
+    if meta.get("format") != FORMAT:
+        _fail(path, f"not a slimtorch packed model (format {meta.get('format')!r}, expected {FORMAT!r})")
+    if meta.get("version") != VERSION:
+        _fail(path, f"unsupported packed format version {meta.get('version')!r}: this slimtorch "
+                    f"reads version {VERSION}" + (" (upgrade slimtorch)" if isinstance(
+                        meta.get("version"), int) and meta["version"] > VERSION else ""))
+    data = memoryview(blob)[8 + n:]
+    _check_index(path, head, len(data))
+    if md.get("sha256.header") != _header_digest(head, md[META_KEY]):
+        _fail(path, "header is corrupt: SHA-256 of the header does not match (edited or damaged)")
+    names = list(head)
+    if md.get("sha256.data") != hashlib.sha256(data).hexdigest():
+        crcs = meta.get("crc32", "")
+        bad = [nm for i, nm in enumerate(names)
+               if crcs[8 * i:8 * i + 8] != f"{zlib.crc32(data[slice(*head[nm]['data_offsets'])]):08x}"]
+        _fail(path, "data is corrupt: SHA-256 of the data section does not match"
+                    + (f"; damaged tensor(s): {', '.join(bad[:5])}" if bad else ""))
+    tensors = {}
+    for name, e in head.items():
+        a, b = e["data_offsets"]
+        raw = torch.frombuffer(bytearray(data[a:b]), dtype=torch.uint8) if b > a else \
+            torch.empty(0, dtype=torch.uint8)
+        tensors[name] = raw.view(TORCH_DTYPES[e["dtype"]]).reshape(e["shape"])
+    return meta, tensors, head

@@ -1,0 +1,312 @@
+"""``save_packed`` / ``load_packed``: the deployable slimtorch file (container.py holds the bytes).
+
+Format text (JSON in the safetensors metadata, key "slimtorch.packed"):
+
+    format "slimtorch.packed", version 1, model (class name, informational), build (optional:
+    how to rebuild the float architecture, see modelspec.py)
+    quantizers  [{"spec": Quantizer.spec(), "buffers": {non-float buffers that differ from a
+                freshly built quantizer}}, ...], deduplicated, referenced by index
+    layers      [entry, ...] one per layer with a quantizer, in module order:
+        name, module ("Linear" | "Conv1d" | "Conv2d" | "Embedding" | class name), shape (weight),
+        bits, wq / aq (quantizer index, aq absent = float input), bias (number of bias values),
+        kind  "codes": tensor <name>.w_codes (U8) = encode(W) bit-packed at ``bits``
+                       (bitpack.py); W = decode(codes) with the rebuilt weight quantizer
+              "float": tensor <name>.weight holds W (a layer with only an input quantizer)
+              reserved, refused by this version with a clear error (later issues fill them):
+              "codebook": <name>.codebook [k, d] F32 + <name>.w_codes = indices packed at
+                          ceil(log2 k) bits;  "masked": <name>.mask = 1-bit bitmap + codes of the
+                          kept weights only.
+        tensor <name>.params (F32): bias, then the weight quantizer's float state, then the input
+        quantizer's, each in state_dict order with the shapes the rebuilt quantizers have.
+    state       {dtype: [[key, shape], ...]} the rest of model.state_dict() (norms, float layers,
+                buffers), concatenated per dtype into tensor state.<dtype>
+    costs       [[name, kind, params, w_bits, a_bits, theoretical bytes], ...] (search/budget.py)
+    theory      {bytes, fp32_bytes}: theoretical totals of ``model_costs``
+    crc32       per-tensor CRC32s (container.py; the SHA-256 digests sit next to this text)"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..attach import add_weight_transform, set_input_quantizer, weight_transforms
+from ..errors import CheckpointError, ConfigError
+from ..quant.api import quantized_layers
+from ..quant.quantizer import Quantizer, build_quantizer
+from ..search.budget import layer_kind, model_costs
+from .bitpack import pack_tensor, packed_size, unpack_tensor
+from .container import DTYPES, TORCH_DTYPES, read_container, write_container
+
+FORMAT, VERSION = "slimtorch.packed", 1
+KINDS = ("codes", "float")
+RUNTIMES = ("float", "fakequant", "int8")
+
+
+def _quantizer_input(module: nn.Module, wq: Quantizer) -> torch.Tensor:
+    x = module.parametrizations.weight.original
+    for t in weight_transforms(module):
+        if t is wq:
+            return x
+        x = t(x)
+    raise ConfigError("weight quantizer is not a weight transform")  # pragma: no cover
+
+
+def _rebuild(entry: dict, what: str) -> Quantizer:
+    try:
+        q = build_quantizer(entry["spec"])
+    except Exception as e:  # unknown type, bad arguments
+        raise CheckpointError(f"{what}: cannot rebuild quantizer from spec {entry.get('spec')}: {e}") from None
+    if entry.get("buffers"):
+        sd = q.state_dict()
+        for k, v in entry["buffers"].items():
+            if k not in sd:
+                raise CheckpointError(f"{what}: quantizer has no buffer {k!r}")
+            sd[k] = torch.tensor(v, dtype=sd[k].dtype).reshape(sd[k].shape)
+        q.load_state_dict(sd)
+    return q
+
+
+def _float_keys(q: Quantizer) -> list:
+    return [(k, v.shape) for k, v in q.state_dict().items() if v.is_floating_point()]
+
+
+def _layer_keys(name: str, sd_keys) -> set:
+    p = f"{name}." if name else ""
+    return {k for k in sd_keys if k in (p + "weight", p + "bias")
+            or k.startswith(p + "parametrizations.weight.") or k.startswith(p + "input_quantizer.")}
+
+
+def _f32(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.dtype != torch.float32:
+        raise ConfigError(f"{what} is {t.dtype}: packed format version 1 stores float32 parameters")
+    return t.detach().reshape(-1)
+
+
+@torch.no_grad()
+def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
+    """Write ``model`` (with quantizers attached by ``quantize_``) as one packed file.
+
+    ``build`` (optional, JSON-able) records how to rebuild the float architecture, so that
+    ``load_packed(path)`` and the CLI need no factory: {"source": "zoo", "name", "kwargs"} or
+    {"source": "hf", "config": {...}} (modelspec.py; ``build="auto"`` detects HF models).
+    Returns {"path", "file_bytes", "theoretical_bytes", "fp32_bytes"}."""
+    if build == "auto":
+        from .modelspec import build_spec
+        build = build_spec(model)
+    table, layers, tensors, taken = [], [], {}, set()
+    sd = model.state_dict()
+
+    def index_of(q: Quantizer, what: str) -> int:
+        fresh = _rebuild({"spec": q.spec()}, what).state_dict()
+        bufs = {k: v.tolist() for k, v in q.state_dict().items() if not v.is_floating_point()
+                and (k not in fresh or not torch.equal(fresh[k], v.cpu()))}
+        entry = {"spec": q.spec(), **({"buffers": bufs} if bufs else {})}
+        if entry not in table:
+            table.append(entry)
+        return table.index(entry)
+
+    for name, m, wq, aq in quantized_layers(model):
+        w, bias = m.weight, getattr(m, "bias", None)
+        entry = {"name": name, "module": layer_kind(m), "shape": list(w.shape)}
+        params = [] if bias is None else [_f32(bias, f"{name}.bias")]
+        if wq is not None:
+            others = [type(t).__name__ for t in weight_transforms(m) if t is not wq]
+            if others:
+                raise ConfigError(f"layer {name!r}: weight transforms {others} are not supported by "
+                                  "packed format version 1")
+            codes = wq.encode(_quantizer_input(m, wq))
+            entry.update(kind="codes", bits=wq.bits, wq=index_of(wq, name))
+            rebuilt = _rebuild(table[entry["wq"]], name)
+            rebuilt.load_state_dict(wq.state_dict())
+            if not torch.equal(rebuilt.decode(codes).to(w.dtype), w):
+                raise ConfigError(f"layer {name!r}: {type(wq).__name__}.decode(encode(W)) does not "
+                                  "reproduce the fake-quantized weight; cannot pack it exactly")
+            tensors[f"{name}.w_codes"] = pack_tensor(codes, wq.bits)
+            params += [_f32(v, f"{name} weight quantizer {k}") for k, v in wq.state_dict().items()
+                       if v.is_floating_point()]
+        else:
+            entry.update(kind="float", bits=32)
+            tensors[f"{name}.weight"] = w.detach()
+        entry["bias"] = 0 if bias is None else bias.numel()
+        if aq is not None:
+            if getattr(aq, "initialized", True) is False:
+                raise ConfigError(f"layer {name!r}: input quantizer is not initialised; run "
+                                  "slimtorch.calibrate or a forward pass before saving")
+            entry["aq"] = index_of(aq, name)
+            params += [_f32(v, f"{name} input quantizer {k}") for k, v in aq.state_dict().items()
+                       if v.is_floating_point()]
+        if params:
+            tensors[f"{name}.params"] = torch.cat(params)
+        layers.append(entry)
+        taken |= _layer_keys(name, sd)
+    state: dict = {}
+    for k in sd:
+        if k not in taken:
+            if sd[k].dtype not in DTYPES:
+                raise ConfigError(f"state {k!r} has dtype {sd[k].dtype}, which the format cannot store")
+            state.setdefault(DTYPES[sd[k].dtype], []).append([k, list(sd[k].shape)])
+    for code, keys in state.items():
+        tensors[f"state.{code}"] = torch.cat([sd[k].detach().reshape(-1) for k, _ in keys])
+    costs = model_costs(model)
+    meta = {"format": FORMAT, "version": VERSION, "model": type(model).__name__,
+            **({"build": build} if build else {}), "quantizers": table, "layers": layers,
+            "state": state,
+            "costs": [[r.name, r.kind, r.params, r.w_bits, r.a_bits, r.bytes] for r in costs["layers"]],
+            "theory": {"bytes": costs["bytes"], "fp32_bytes": costs["fp32_bytes"]}}
+    size = write_container(path, tensors, meta)
+    return {"path": str(path), "file_bytes": size, "theoretical_bytes": costs["bytes"],
+            "fp32_bytes": costs["fp32_bytes"]}
+
+
+def _split(blob: torch.Tensor, shapes: list, what: str, path) -> list:
+    need = sum(math.prod(s) for s in shapes)
+    if blob.numel() != need:
+        raise CheckpointError(f"{path}: tensor {what} holds {blob.numel()} values, its header entries "
+                              f"need {need}")
+    out, i = [], 0
+    for s in shapes:
+        n = math.prod(s)
+        out.append(blob[i:i + n].reshape(s))
+        i += n
+    return out
+
+
+def read_packed(path) -> tuple[dict, dict, dict]:
+    """Read and verify a packed file: (meta, tensors, index). Checks references and sizes; the
+    state is returned split into its named tensors (tensors[key])."""
+    meta, tensors, index = read_container(path)
+    try:
+        table, layers, state = meta["quantizers"], meta["layers"], meta["state"]
+        assert isinstance(table, list) and isinstance(layers, list) and isinstance(state, dict)
+    except (KeyError, AssertionError):
+        raise CheckpointError(f"{path}: header lacks the quantizers/layers/state sections") from None
+
+    def need(name, owner):
+        if name not in tensors:
+            raise CheckpointError(f"{path}: header entry {owner!r} names tensor {name!r}, "
+                                  "which the file does not contain")
+        return tensors[name]
+
+    for e in layers:
+        name = e.get("name")
+        if e.get("kind") not in KINDS:
+            raise CheckpointError(f"{path}: layer {name!r} has kind {e.get('kind')!r}, which this "
+                                  f"slimtorch cannot load (known: {', '.join(KINDS)})")
+        for key in ("wq", "aq"):
+            if e.get(key) is not None and not (isinstance(e[key], int) and 0 <= e[key] < len(table)):
+                raise CheckpointError(f"{path}: layer {name!r} refers to quantizer {e[key]!r}, "
+                                      f"the header lists {len(table)}")
+        n = math.prod(e.get("shape") or [0])
+        if e["kind"] == "codes":
+            c = need(f"{name}.w_codes", name)
+            if not isinstance(e.get("bits"), int) or not 1 <= e["bits"] <= 8:
+                raise CheckpointError(f"{path}: layer {name!r} has bits={e.get('bits')!r}, expected 1..8")
+            if c.dtype != torch.uint8 or c.numel() != packed_size(n, e["bits"]):
+                raise CheckpointError(f"{path}: tensor {name}.w_codes holds {c.numel()} {c.dtype} "
+                                      f"values; {n} weights at {e['bits']} bits need "
+                                      f"{packed_size(n, e['bits'])} uint8 bytes")
+        elif list(need(f"{name}.weight", name).shape) != e["shape"]:
+            raise CheckpointError(f"{path}: layer {name!r} weight shape {list(tensors[name + '.weight'].shape)} "
+                                  f"does not match the header's {e['shape']}")
+        if e.get("bias") or e.get("wq") is not None or e.get("aq") is not None:
+            need(f"{name}.params", name)
+    for code, keys in state.items():
+        if code not in TORCH_DTYPES:
+            raise CheckpointError(f"{path}: state dtype {code!r} is unknown")
+        blob = need(f"state.{code}", "state")
+        if blob.dtype != TORCH_DTYPES[code]:
+            raise CheckpointError(f"{path}: tensor state.{code} has dtype {blob.dtype}")
+        parts = _split(blob.reshape(-1), [tuple(s) for _, s in keys], f"state.{code}", path)
+        tensors.update({k: t for (k, _), t in zip(keys, parts)})
+    return meta, tensors, index
+
+
+def _decode_layer(e, m, table, tensors, path):
+    """(weight, bias, weight quantizer, input quantizer, codes) of one layer entry, validated."""
+    name = e["name"]
+    wq = None if e.get("wq") is None else _rebuild(table[e["wq"]], name)
+    aq = None if e.get("aq") is None else _rebuild(table[e["aq"]], name)
+    shapes = ([(e["bias"],)] if e.get("bias") else []) + [s for q in (wq, aq) if q for _, s in _float_keys(q)]
+    parts = _split(tensors[f"{name}.params"].reshape(-1), shapes, f"{name}.params", path) if shapes else []
+    bias = parts.pop(0) if e.get("bias") else None
+    for q in (wq, aq):
+        if q is not None:
+            sd = q.state_dict()
+            sd.update({k: parts.pop(0) for k, _ in _float_keys(q)})
+            q.load_state_dict(sd)
+    codes = None
+    if e["kind"] == "codes":
+        if wq.bits != e["bits"]:
+            raise CheckpointError(f"{path}: layer {name!r} says {e['bits']} bits, its quantizer has {wq.bits}")
+        codes = unpack_tensor(tensors[f"{name}.w_codes"], e["bits"], e["shape"])
+        w = wq.decode(codes).to(m.weight.dtype)
+    else:
+        w = tensors[f"{name}.weight"]
+    return w, bias, wq, aq, codes
+
+
+@torch.no_grad()
+def load_packed(path, model_or_factory=None, runtime: str = "float") -> nn.Module:
+    """Load a packed file into a float model of the architecture it was saved from.
+
+    ``model_or_factory``: a freshly built float nn.Module, or a callable returning one; None
+    rebuilds it from the file's ``build`` record.
+    ``runtime``: "float" (decoded weights + input quantizers: outputs bit-identical to the
+    fake-quant model), "fakequant" (quantizers re-attached: trainable, reportable, re-savable) or
+    "int8" (float, then Linear layers with <=8-bit weights and inputs on the int8 GEMM kernel)."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime={runtime!r}; expected one of {RUNTIMES}")
+    meta, tensors, _ = read_packed(path)
+    if model_or_factory is None:
+        from .modelspec import build_from_spec
+        if not meta.get("build"):
+            raise ConfigError(f"{path} does not record how to build its model: pass a model factory")
+        model_or_factory = lambda: build_from_spec(meta["build"])  # noqa: E731
+    model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model factory returned {type(model).__name__}, expected an nn.Module")
+    if any(True for _ in quantized_layers(model)):
+        raise ConfigError("load_packed needs a float model (no quantizers attached): build a fresh one")
+    sd, plan = model.state_dict(), []
+    for e in meta["layers"]:       # validate and decode everything before touching the model
+        name = e["name"]
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{path}: the file has layer {name!r}, the model has no such module") from None
+        if layer_kind(m) != e["module"] or not isinstance(getattr(m, "weight", None), torch.Tensor):
+            raise CheckpointError(f"{path}: layer {name!r} is a {e['module']} in the file but a "
+                                  f"{type(m).__name__} in the model")
+        if list(m.weight.shape) != e["shape"]:
+            raise CheckpointError(f"{path}: layer {name!r} weight shape {e['shape']} in the file, "
+                                  f"{list(m.weight.shape)} in the model")
+        b = getattr(m, "bias", None)
+        if (0 if b is None else b.numel()) != e.get("bias", 0):
+            raise CheckpointError(f"{path}: layer {name!r} has {e.get('bias', 0)} bias values in the "
+                                  f"file, {0 if b is None else b.numel()} in the model")
+        plan.append((name, m, *_decode_layer(e, m, meta["quantizers"], tensors, path)))
+    keys = [k for ks in meta["state"].values() for k, _ in ks]
+    taken = set().union(*(_layer_keys(p[0], sd) for p in plan)) if plan else set()
+    extra, missing = sorted(set(keys) - set(sd)), sorted(set(sd) - taken - set(keys))
+    if extra or missing:
+        raise CheckpointError(f"{path}: model state does not match the file: "
+                              + (f"file keys not in the model {extra[:5]} " if extra else "")
+                              + (f"model keys not in the file {missing[:5]}" if missing else ""))
+    for k in keys:
+        if tensors[k].shape != sd[k].shape:
+            raise CheckpointError(f"{path}: state {k!r} has shape {list(tensors[k].shape)} in the "
+                                  f"file, {list(sd[k].shape)} in the model")
+    model.load_state_dict({k: tensors[k] for k in keys}, strict=False)
+    for name, m, w, bias, wq, aq, codes in plan:
+        m.weight.copy_(w)
+        if bias is not None:
+            m.bias.copy_(bias)
+        if aq is not None:
+            set_input_quantizer(m, aq.to(m.weight.device))
+        if runtime == "fakequant" and wq is not None:
+            add_weight_transform(m, wq.to(m.weight.device))
+    if runtime == "int8":
+        from ..runtime.int8 import convert_int8
+        convert_int8(model, {p[0]: (p[4], p[6]) for p in plan})
+    return model.eval()

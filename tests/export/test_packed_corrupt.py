@@ -1,0 +1,130 @@
+"""Bad packed files give a CheckpointError that names the problem; never a silently wrong model."""
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+import slimtorch as st
+from slimtorch.errors import CheckpointError
+from slimtorch.export import load_packed, save_packed
+from slimtorch.export.container import read_container, write_container
+
+
+def net(width=4):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, width, 3), nn.ReLU(), nn.Flatten(), nn.Linear(width * 36, 10))
+
+
+@pytest.fixture
+def packed(tmp_path):
+    m = net()
+    st.quantize_(m, st.LSQ(w_bits=3, a_bits=4))
+    st.calibrate(m, [torch.randn(8, 1, 8, 8)])
+    path = tmp_path / "m.slim"
+    save_packed(m, path)
+    return path
+
+
+def rewrite(path, edit):
+    """Re-write a valid file after ``edit(meta, tensors)`` (checksums recomputed: only the edit is wrong)."""
+    meta, tensors, _ = read_container(path)
+    meta.pop("crc32")
+    edit(meta, tensors)
+    write_container(path, tensors, meta)
+
+
+def load(path):
+    return load_packed(path, net)
+
+
+def test_valid_file_loads(packed):
+    load(packed)
+
+
+def test_truncated(packed):
+    data = packed.read_bytes()
+    packed.write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load(packed)
+    packed.write_bytes(data[:100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load(packed)
+    packed.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty or truncated"):
+        load(packed)
+
+
+def test_flipped_data_byte_names_the_tensor(packed):
+    data = bytearray(packed.read_bytes())
+    data[-5] ^= 0x01                                   # inside the last tensor (fc bias)
+    packed.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"data is corrupt.*3\.params"):
+        load(packed)
+
+
+def test_flipped_header_byte(packed):
+    data = bytearray(packed.read_bytes())
+    i = data.index(b'\\"bits\\":3')                    # inside the escaped format text
+    data[i + 9] = ord("5")                             # "bits":3 -> "bits":5, still valid JSON
+    packed.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="header is corrupt"):
+        load(packed)
+
+
+def test_wrong_version_and_format(packed):
+    good = packed.read_bytes()
+    rewrite(packed, lambda meta, t: meta.update(version=99))
+    with pytest.raises(CheckpointError, match="version 99.*upgrade"):
+        load(packed)
+    packed.write_bytes(good)
+    rewrite(packed, lambda meta, t: meta.update(format="other"))
+    with pytest.raises(CheckpointError, match="format 'other'"):
+        load(packed)
+
+
+def test_header_names_missing_tensor(packed):
+    rewrite(packed, lambda meta, t: t.pop("3.w_codes"))
+    with pytest.raises(CheckpointError, match=r"'3\.w_codes'.*does not contain"):
+        load(packed)
+
+
+def test_shape_mismatch_in_file_and_model(packed):
+    good = packed.read_bytes()
+    rewrite(packed, lambda meta, t: t.update({"3.w_codes": t["3.w_codes"][:-1]}))
+    with pytest.raises(CheckpointError, match="need"):
+        load(packed)
+    packed.write_bytes(good)
+    rewrite(packed, lambda meta, t: t.update({"3.w_codes": torch.cat([t["3.w_codes"], t["3.w_codes"][:1]])}))
+    with pytest.raises(CheckpointError, match=r"3\.w_codes holds .* need"):
+        load(packed)
+    packed.write_bytes(good)
+    rewrite(packed, lambda meta, t: t.update({"0.params": torch.ones(7)}))   # bias 4 + 2 steps
+    with pytest.raises(CheckpointError, match=r"0\.params holds 7 values, its header entries need 6"):
+        load(packed)
+
+
+def test_model_does_not_match_file(packed):
+    with pytest.raises(CheckpointError, match=r"layer '0' weight shape \[4, 1, 3, 3\] in the file, \[5, 1, 3, 3\]"):
+        load_packed(packed, lambda: net(width=5))
+    with pytest.raises(CheckpointError, match="no such module"):
+        load_packed(packed, lambda: nn.Sequential(nn.Conv2d(1, 4, 3)))
+
+
+def test_not_a_packed_file(tmp_path):
+    p = tmp_path / "x.pt"
+    p.write_bytes(pickle.dumps({"a": 1}))              # a pickle is never unpickled
+    with pytest.raises(CheckpointError, match="not a (slimtorch packed model|safetensors)"):
+        load(p)
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(p))
+    with pytest.raises(CheckpointError, match="no 'slimtorch.packed' metadata"):
+        load(p)
+    head = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    p.write_bytes(struct.pack("<Q", len(head)) + head[:-1] + b"!" + bytes(8))
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load(p)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load(tmp_path / "missing.slim")
