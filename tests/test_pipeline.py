@@ -86,3 +86,24 @@ def test_cli_reports_errors_with_exit_code(tmp_path, capsys):
     r.write_text("data: {name: digits}\nmodel: {name: digits_mlp}\ntrain: {epochs: 1, lr: 0}\n")
     assert main(["run", str(r), "--out", str(tmp_path / "o")]) == 2
     assert "lr" in capsys.readouterr().err
+
+
+def test_hawq_search_step_and_uhlich_method(tmp_path):
+    doc = {**DOC, "search": {"method": "hawq", "bits": [2, 4, 8], "budget": "avg_bits", "target": 3.0,
+                             "max_iter": 20, "num_batches": 2}}
+    m = pipeline.run_recipe(parse_recipe(doc), tmp_path / "h", progress=False)
+    w = [r["w_bits"] for r in m["layers"]]
+    assert m["search"]["value"] <= 3.0 and set(w) <= {2, 4, 8}
+    assert (tmp_path / "h" / "hawq.json").exists() and (tmp_path / "h" / "hawq_frontier.png").exists()
+    doc = {**DOC, "compress": {"method": "uhlich", "w_bits": 4, "a_bits": 4, "bit_set": [2, 4, 8],
+                               "target_weight": 12.0, "target_unit": "kB"}}
+    m = pipeline.run_recipe(parse_recipe(doc), tmp_path / "u", progress=False)
+    assert set(r["w_bits"] for r in m["layers"]) <= {2, 4, 8} and m["export"]["file_bytes"] > 0
+
+
+def test_search_without_compress_is_an_error():
+    from slimtorch.errors import ConfigError
+    doc = {k: v for k, v in DOC.items() if k != "compress"}
+    doc["search"] = {"method": "hawq"}
+    with pytest.raises(ConfigError, match="compress"):
+        parse_recipe(doc)

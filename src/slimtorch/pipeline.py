@@ -15,11 +15,12 @@ import torch
 
 from .checkpoint import load_checkpoint, read_checkpoint
 from .data import load_dataset, make_loaders
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .models import build_model
 from .quant import calibrate, quantize_
 from .recipe import Recipe
 from .report import report
+from .search.penalty import penalty, read_plan, step
 from .train import TrainConfig, evaluate, train
 
 
@@ -89,13 +90,19 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
 
     if recipe.compress is not None:
         sel = recipe.select
+        plan = sel.get("plan")
+        if recipe.search is not None:
+            plan = _search(model, recipe, loaders(recipe.finetune)[1], out, metrics, progress)
         quantize_(model, recipe.compress, include=sel.get("include"), exclude=sel.get("exclude"),
-                  plan=sel.get("plan"))
+                  plan=plan)
         cfg, tr, test = loaders(recipe.finetune)
         calibrate(model, tr.batches(0), num_batches=sel.get("calibrate_batches", 8))
         metrics["calibrated_accuracy"] = evaluate(model, test.batches(0))["accuracy"]
         if recipe.finetune is not None and cfg.epochs > 0:
-            train(model, tr.batches, cfg, checkpoint_path=out / "finetune.ckpt", resume=resume)
+            # budget penalties (Uhlich) and per-step value clipping: no-ops for methods without them
+            train(model, tr.batches, cfg, checkpoint_path=out / "finetune.ckpt", resume=resume,
+                  extra_loss=penalty, on_step=lambda m, _s: step(m))
+        metrics["plan"] = read_plan(model)
     rep = report(model)
     metrics["accuracy"] = evaluate(model, test.batches(0))["accuracy"]
     metrics["size_bytes"] = rep.totals["bytes"]
@@ -107,6 +114,25 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
     _write_json(out / "metrics.json", metrics)
     (out / "report.md").write_text(_markdown(metrics, rep))
     return metrics
+
+
+def _search(model, recipe: Recipe, train_loader, out: Path, metrics: dict, progress: bool) -> dict:
+    """Run the recipe's bit-allocation search (HAWQ-V2) on the float model; returns its plan."""
+    from .search.hawq import HAWQConfig, hawq_search
+    from .search.pareto_plot import plot_frontier
+
+    if not isinstance(recipe.search, HAWQConfig):
+        raise ConfigError(f"search method {type(recipe.search).method!r} cannot produce a plan here")
+    sel = recipe.select
+    cfg = recipe.search
+    if cfg.include is None and cfg.exclude is None and (sel.get("include") or sel.get("exclude")):
+        cfg = replace(cfg, include=sel.get("include"), exclude=sel.get("exclude"))
+    result = hawq_search(model, train_loader.batches(0), cfg, quant=recipe.compress, progress=progress)
+    _write_json(out / "hawq.json", result.as_dict())
+    plot_frontier(result, out / "hawq_frontier.png", title=recipe.name)
+    metrics["search"] = {"method": "hawq", "budget": result.budget, "target": result.target,
+                         "value": result.value, "omega_total": result.omega_total}
+    return result.plan
 
 
 def _write_json(path: Path, data) -> None:

@@ -5,8 +5,9 @@ up front, and an unknown key is an error that names it and lists the allowed one
     data:     {name: digits, eval_batch_size: 256, options: {}}   # batch_size: in train/finetune
     model:    {name: digits_cnn, kwargs: {}, checkpoint: null}   # zoo name or "pkg.module:factory"
     train:    {epochs: 10, lr: 0.002, ...}                       # float training (skipped with checkpoint)
+    search:   {method: hawq, bits: [2, 4, 8], budget: avg_bits, target: 3}   # optional: a bit plan
     compress: {method: lsq+, w_bits: 4, a_bits: 4, include: null, exclude: null,
-               plan: null, calibrate_batches: 8}
+               plan: null, calibrate_batches: 8}     # method uhlich: learned bits + budget penalty
     finetune: {epochs: 3, lr: 0.0005, ...}                       # QAT after compress
     export:   {path: model.slim}                                 # packed file in --out
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 from .config import check_keys, config_from_dict, load_yaml
 from .errors import ConfigError
 
-SECTIONS = {"seed", "data", "model", "train", "compress", "finetune", "export", "name", "description"}
+SECTIONS = {"seed", "data", "model", "train", "search", "compress", "finetune", "export", "name",
+            "description"}
 DATA_KEYS = {"name", "eval_batch_size", "options"}
 MODEL_KEYS = {"name", "kwargs", "checkpoint"}
 COMPRESS_SELECT = {"include", "exclude", "plan", "calibrate_batches"}
@@ -32,11 +34,12 @@ class Recipe:
     data: dict
     model: dict
     train: dict | None
-    compress: object | None          # a method config (LSQ, LSQPlus, ...)
+    compress: object | None          # a method config (LSQ, LSQPlus, Uhlich, ...)
     select: dict = field(default_factory=dict)   # include / exclude / plan / calibrate_batches
     finetune: dict | None = None
     export: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)   # the document as read
+    search: object | None = None     # a search config (HAWQConfig) producing the plan
 
 
 def _section(doc, key, allowed, required=False):
@@ -79,10 +82,18 @@ def parse_recipe(doc: dict, name: str = "recipe") -> Recipe:
         comp = dict(doc["compress"])
         select = {k: comp.pop(k) for k in list(comp) if k in COMPRESS_SELECT}
         compress = config_from_dict(comp, where=f"{name}: compress")
+    search = None
+    if doc.get("search") is not None:
+        search = config_from_dict(dict(doc["search"]), where=f"{name}: search")
+        if compress is None:
+            raise ConfigError(f"{name}: a 'search' section needs a 'compress' section to apply its plan")
+        if select.get("plan") is not None:
+            raise ConfigError(f"{name}: give either compress.plan or a search section, not both")
     export = _section(doc, "export", EXPORT_KEYS) or {}
     if train is None and not model.get("checkpoint"):
         raise ConfigError(f"{name}: give either a 'train' section or model.checkpoint (float weights)")
-    return Recipe(doc.get("name", name), seed, data, model, train, compress, select, finetune, export, doc)
+    return Recipe(doc.get("name", name), seed, data, model, train, compress, select, finetune, export, doc,
+                  search)
 
 
 def load_recipe(path) -> Recipe:
