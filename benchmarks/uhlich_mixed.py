@@ -33,7 +33,7 @@ from slimtorch.train import TrainConfig, evaluate, train
 SETTINGS = {
     # dataset: model, data options, batch, float epochs, Table-1 epochs, Table-3 epochs
     "mnist1d": dict(model="mnist1d_cnn", data=dict(val_fraction=0.1), batch=100, float_epochs=30,
-                    t1_epochs=5, t3_epochs=10, eval_every=6),
+                    t1_epochs=4, t3_epochs=10, eval_every=6),
     "mnist": dict(model="mnist_cnn", data=dict(val_fraction=0.05, limit_train=12000), batch=128,
                   float_epochs=2, t1_epochs=1, t3_epochs=2, eval_every=10),
 }

@@ -19,6 +19,8 @@ from slimtorch.search.hawq import (HAWQConfig, best_under, hawq_plan, hawq_searc
                                    pareto_front, weight_perturbation)
 from slimtorch.search.hessian import hutchinson_traces
 
+pytestmark = pytest.mark.filterwarnings("ignore:negative average Hessian trace")
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
