@@ -16,8 +16,8 @@ def test_fake_quant_same_on_device(device):
     s = torch.tensor([0.2]); b = torch.tensor([0.1])
     outs, grads = [], []
     for dev in ("cpu", device):
-        xx = x.to(dev).requires_grad_(True)
-        ss, bb = s.to(dev).requires_grad_(True), b.to(dev).requires_grad_(True)
+        xx = x.detach().to(dev).clone().requires_grad_(True)
+        ss, bb = (t.detach().to(dev).clone().requires_grad_(True) for t in (s, b))
         y = fake_quant(xx, ss, 0, 15, bb, 0.5)
         y.sum().backward()
         outs.append(y.detach().cpu())

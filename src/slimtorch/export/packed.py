@@ -117,7 +117,7 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
                                   "packed format version 1")
             codes = wq.encode(_quantizer_input(m, wq))
             entry.update(kind="codes", bits=wq.bits, wq=index_of(wq, name))
-            rebuilt = _rebuild(table[entry["wq"]], name)
+            rebuilt = _rebuild(table[entry["wq"]], name).to(w.device)
             rebuilt.load_state_dict(wq.state_dict())
             if not torch.equal(rebuilt.decode(codes).to(w.dtype), w):
                 raise ConfigError(f"layer {name!r}: {type(wq).__name__}.decode(encode(W)) does not "
