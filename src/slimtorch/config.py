@@ -55,6 +55,24 @@ def check_keys(data: dict, allowed, where: str):
         raise ConfigError(f"{where}: unknown key(s) {bad}; allowed keys: {sorted(allowed)}")
 
 
+def check_call_kwargs(fn: Callable, kwargs: dict, what: str) -> None:
+    """Raise ConfigError naming any keyword ``fn`` does not accept (when its signature is inspectable)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params
+                if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    bad = sorted(set(kwargs) - set(accepted))
+    if bad:
+        raise ConfigError(f"{what}: unknown option(s) {', '.join(map(repr, bad))}; "
+                          f"accepted: {', '.join(accepted) or '(none)'}")
+
+
 def config_to_dict(cfg) -> dict:
     d = {"method": type(cfg).method}
     for f in dataclasses.fields(cfg):

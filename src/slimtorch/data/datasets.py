@@ -7,7 +7,6 @@ the mean/std of the training split (per channel) and int64 labels.
 from __future__ import annotations
 
 import functools
-import inspect
 import random
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -17,6 +16,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from slimtorch.errors import ConfigError, DataError
+from slimtorch.config import check_call_kwargs
 
 __all__ = [
     "DataBundle",
@@ -78,20 +78,7 @@ def list_datasets() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def _check_options(fn: Callable, options: dict, what: str) -> None:
-    """Raise ConfigError naming any option ``fn`` does not accept (when its signature is inspectable)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    accepted = [p.name for p in params
-                if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    bad = sorted(set(options) - set(accepted))
-    if bad:
-        raise ConfigError(f"{what}: unknown option(s) {', '.join(map(repr, bad))}; "
-                          f"accepted: {', '.join(accepted) or '(none)'}")
+_check_options = check_call_kwargs
 
 
 def load_dataset(name: str, **options) -> DataBundle:

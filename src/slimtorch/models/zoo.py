@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from torch import nn
 
 from slimtorch.errors import ConfigError
+from slimtorch.config import check_call_kwargs
 from slimtorch.models.cnn import DigitsCNN, DigitsMLP, LeNet5, Mnist1dCNN, MnistCNN
 from slimtorch.models.resnet import resnet20
 
@@ -64,19 +65,7 @@ def model_spec(name: str) -> ModelSpec:
     return _ZOO[key]
 
 
-def _check_kwargs(fn: Callable, kwargs: dict, what: str) -> None:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    accepted = [p.name for p in params
-                if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    bad = sorted(set(kwargs) - set(accepted))
-    if bad:
-        raise ConfigError(f"{what}: unknown option(s) {', '.join(map(repr, bad))}; "
-                          f"accepted: {', '.join(accepted) or '(none)'}")
+_check_kwargs = check_call_kwargs
 
 
 def _import_factory(path: str) -> Callable[..., nn.Module]:
