@@ -14,7 +14,8 @@ DOC = {"seed": 0, "data": {"name": "digits", "options": {"limit_train": 400, "li
        "model": {"name": "digits_mlp", "kwargs": {"hidden": 32}},
        "train": {"epochs": 2, "lr": 0.01, "batch_size": 32, "progress": False, "checkpoint_every": 3},
        "compress": {"method": "lsq+", "w_bits": 4, "a_bits": 4, "calibrate_batches": 2},
-       "finetune": {"epochs": 2, "lr": 0.002, "batch_size": 32, "progress": False, "checkpoint_every": 3}}
+       "finetune": {"epochs": 2, "lr": 0.002, "batch_size": 32, "progress": False, "checkpoint_every": 3},
+       "export": {"path": "model.slim", "onnx": "model.onnx"}}
 
 
 def test_run_recipe_writes_everything(tmp_path):
@@ -26,6 +27,7 @@ def test_run_recipe_writes_everything(tmp_path):
     assert all(r["w_bits"] == 4 and r["a_bits"] == 4 for r in data["layers"])  # first+last too
     assert data["accuracy"] > 0.6 and m["export"]["file_bytes"] > 0
     assert "| layer |" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "model.onnx").stat().st_size > 0
 
 
 def test_resume_after_interrupt_matches_uninterrupted(tmp_path, monkeypatch):

@@ -16,7 +16,6 @@ Layout of the file (a plain safetensors file any safetensors reader can open):
 from __future__ import annotations
 
 import json
-import os
 import random
 import struct
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from slimtorch.atomic import atomic_path
 from slimtorch.errors import CheckpointError
 
 FORMAT = "slimtorch-checkpoint"
@@ -107,27 +107,8 @@ def _rng_state(tensors: dict) -> dict:
 
 
 def _atomic_write(path: Path, tensors: dict, metadata: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "r+b") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (best effort; not possible on every platform)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def save_checkpoint(path, *, model: torch.nn.Module, optimizer=None, scheduler=None,

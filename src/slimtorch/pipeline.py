@@ -6,16 +6,17 @@ Each training stage checkpoints atomically in the output folder; ``resume=True``
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, read_checkpoint
+from .atomic import atomic_write_text
+from .checkpoint import load_checkpoint
 from .data import load_dataset, make_loaders
 from .errors import CheckpointError, ConfigError
+from .export import export_onnx, save_packed
 from .models import build_model
 from .quant import calibrate, quantize_
 from .recipe import Recipe
@@ -47,17 +48,16 @@ def _train_config(section: dict, seed: int) -> TrainConfig:
     return TrainConfig(**{"seed": seed, **section})
 
 
-def _export(model, out: Path, recipe: Recipe) -> dict:
+def _export(model, out: Path, recipe: Recipe, example) -> dict:
+    """The packed file (bit-packed codes + safetensors/JSON), and ONNX when the recipe asks."""
     path = out / recipe.export.get("path", "model.slim")
-    try:
-        from .export import save_packed
-    except ImportError:  # packed export not available: plain safetensors + JSON
-        from .checkpoint import save_checkpoint
-        path = path.with_suffix(".safetensors")
-        save_checkpoint(path, model=model, trainer_state={"recipe": recipe.source})
-        return {"path": str(path), "file_bytes": path.stat().st_size, "format": "checkpoint"}
     save_packed(model, path)
-    return {"path": str(path), "file_bytes": path.stat().st_size, "format": "slim"}
+    info = {"path": str(path), "file_bytes": path.stat().st_size, "format": "slim"}
+    if recipe.export.get("onnx"):
+        onnx_path = out / recipe.export["onnx"]
+        export_onnx(model, onnx_path, example)
+        info["onnx"] = str(onnx_path)
+    return info
 
 
 def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool = True) -> dict:
@@ -109,7 +109,7 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
     metrics["compression"] = round(rep.totals["compression"], 3)
     metrics["layers"] = [{k: r[k] for k in ("name", "kind", "w_bits", "a_bits", "params", "bytes")}
                          for r in rep.rows]
-    metrics["export"] = _export(model, out, recipe)
+    metrics["export"] = _export(model, out, recipe, next(iter(test.batches(0)))[0][:1])
     metrics["seconds"] = round(time.time() - t0, 2)
     _write_json(out / "metrics.json", metrics)
     (out / "report.md").write_text(_markdown(metrics, rep))
@@ -136,9 +136,7 @@ def _search(model, recipe: Recipe, train_loader, out: Path, metrics: dict, progr
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def _markdown(m: dict, rep) -> str:

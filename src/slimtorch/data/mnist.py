@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import os
 import struct
-import tempfile
 import urllib.request
 import zlib
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from slimtorch.data.datasets import DataBundle, bundle_from_arrays, register_dataset
+from slimtorch.atomic import atomic_write_bytes
 from slimtorch.errors import DataError
 
 __all__ = ["MNIST_FILES", "MNIST_MIRRORS", "MNIST_ENV", "parse_idx", "read_idx", "mnist_search_dirs",
@@ -160,20 +160,7 @@ def _verified(path: Path, md5: str) -> bool:
         return False
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+_atomic_write = atomic_write_bytes
 
 
 def download_mnist(cache_dir: Optional[PathLike] = None, *, mirrors: Sequence[str] = MNIST_MIRRORS,
