@@ -33,9 +33,9 @@ from slimtorch.train import TrainConfig, evaluate, train
 SETTINGS = {
     # dataset: model, data options, batch, float epochs, Table-1 epochs, Table-3 epochs
     "mnist1d": dict(model="mnist1d_cnn", data=dict(val_fraction=0.1), batch=100, float_epochs=30,
-                    t1_epochs=4, t3_epochs=10, eval_every=6),
+                    float_lr=1e-2, t1_epochs=4, t3_epochs=10, eval_every=6),
     "mnist": dict(model="mnist_cnn", data=dict(val_fraction=0.05, limit_train=12000), batch=128,
-                  float_epochs=2, t1_epochs=1, t3_epochs=2, eval_every=10),
+                  float_epochs=2, float_lr=1e-3, t1_epochs=1, t3_epochs=3, eval_every=10),
 }
 PARAMS = ("U1", "U2", "U3", "P1", "P2", "P3")
 QLR = 0.01
@@ -58,7 +58,7 @@ class Run:
     def float_model(self, epochs):
         torch.manual_seed(0)
         m = build_model(self.data["model"])
-        train(m, self.train.batches, _cfg(epochs, 1e-2, "adam"))
+        train(m, self.train.batches, _cfg(epochs, self.data["float_lr"], "adam"))
         return m
 
     def finetune(self, model, epochs, budget=None, shapes=None, freeze_after=None):
@@ -210,8 +210,8 @@ def main(argv=None):
     base = run.float_model(data["float_epochs"])
     float_acc = evaluate(base, run.test)["accuracy"]
     shapes = B.trace_layers(base, run.example)
-    lines = [f"Model `{data['model']}` on `{args.dataset}` ({data['data']}), float checkpoint: Adam 1e-2, "
-             f"{data['float_epochs']} epochs, test accuracy {100 * float_acc:.2f}%. Quantized fine-tuning: "
+    lines = [f"Model `{data['model']}` on `{args.dataset}` ({data['data']}), float checkpoint: "
+             f"Adam {data['float_lr']:g}, {data['float_epochs']} epochs, test accuracy {100 * float_acc:.2f}%. Quantized fine-tuning: "
              f"SGD momentum 0.9, lr {QLR} cosine, batch {data['batch']}, same for every row; st.step (value "
              "clipping) after each step; activation quantizers initialised from calibration data "
              "(a_init='float', 5 batches); every layer quantized (first and last included, the input of "
@@ -222,8 +222,7 @@ def main(argv=None):
         lines += table3(run, base, data, shapes, t0)
     secs = time.time() - t0
     la = os.getloadavg()
-    lines += ["", f"Runtime {secs:.0f} s; load average at the end {la[0]:.2f}/{la[1]:.2f}/{la[2]:.2f} "
-              "(other jobs shared the 2 cores)."]
+    lines += ["", f"Runtime {secs:.0f} s; load average at the end {la[0]:.2f}/{la[1]:.2f}/{la[2]:.2f}."]
     body = "\n".join(lines)
     print(body)
     if not args.no_write:

@@ -52,6 +52,9 @@ def test_cnn_parity(cfg, tmp_path):
     assert np.abs(got - want.numpy()).max() <= 1e-5 * scale
     got = run(tmp_path / "m.onnx", x, "all")     # onnxruntime's fused integer kernels
     assert (got.argmax(1) == want.numpy().argmax(1)).mean() >= 0.9
+    export_onnx(m, tmp_path / "x.onnx", (x[:2],), input_names=["x"], exact=True)
+    got = run(tmp_path / "x.onnx", x, "all")     # exact: float kernels, every optimization on
+    assert np.abs(got - want.numpy()).max() <= 1e-5 * scale
 
 
 def tiny_bert():

@@ -35,9 +35,10 @@ def _const(value, dtype):
     return torch.tensor(value, dtype=dtype)
 
 
-def act_qdq(x, scale, q_n: int, q_p: int):
+def act_qdq(x, scale, q_n: int, q_p: int, exact: bool = False):
     """clamp(round(x / s), q_n, q_p) * s; in ONNX: QuantizeLinear [-> Clip] -> DequantizeLinear
-    on uint8 (signed levels use zero point 128: the u8 x s8 kernels onnxruntime runs fastest)."""
+    on uint8 (signed levels use zero point 128: the u8 x s8 kernels onnxruntime runs fastest).
+    ``exact``: dequantize with Cast/Sub/Mul instead, so onnxruntime keeps float kernels."""
     if not torch.onnx.is_in_onnx_export():
         return torch.clamp(torch.round(x / scale), q_n, q_p) * scale
     z = 128 if q_n < 0 else 0
@@ -45,11 +46,20 @@ def act_qdq(x, scale, q_n: int, q_p: int):
     q = _sym("QuantizeLinear", (x, scale, zp), x, dtype=torch.uint8)
     if (q_n + z, q_p + z) != (0, 255):
         q = _sym("Clip", (q, _const(q_n + z, torch.uint8), _const(q_p + z, torch.uint8)), q)
+    if exact:
+        f = _sym("Cast", (q,), x, dtype=scale.dtype, to=1)
+        return _sym("Mul", (_sym("Sub", (f, _const(float(z), scale.dtype)), f), scale), f)
     return _sym("DequantizeLinear", (q, scale, zp), x, dtype=scale.dtype)
 
 
-def weight_dq(w_int, scale, axis: int):
-    """w_int * scale (scale per-tensor or along ``axis``); in ONNX: DequantizeLinear."""
+def weight_dq(w_int, scale, axis: int, exact: bool = False):
+    """w_int * scale (scale per-tensor or along ``axis``); in ONNX: DequantizeLinear (``exact``:
+    Cast and Mul, which onnxruntime folds into float weights instead of fusing integer kernels)."""
+    if exact and torch.onnx.is_in_onnx_export():
+        shape = [1] * w_int.dim()
+        if scale.dim():
+            shape[axis] = -1
+        return _sym("Cast", (w_int,), w_int, dtype=scale.dtype, to=1) * scale.reshape(shape)
     if scale.dim() == 0:
         if not torch.onnx.is_in_onnx_export():
             return w_int.to(scale.dtype) * scale
@@ -74,8 +84,9 @@ def matmul_nbits(x, packed, scales, w_hat, k: int, n: int, block: int, accuracy:
 
 
 class _Act(nn.Module):
-    def __init__(self, aq):
+    def __init__(self, aq, exact=False):
         super().__init__()
+        self.exact = exact
         p = aq.quant_params()
         if p["scale"].numel() != 1:
             raise ConfigError("ONNX export supports per-tensor activation scales only")
@@ -85,7 +96,7 @@ class _Act(nn.Module):
 
     def forward(self, x, add_offset=True):
         u = x - self.offset if self.offset is not None else x
-        y = act_qdq(u, self.scale, self.q_n, self.q_p)
+        y = act_qdq(u, self.scale, self.q_n, self.q_p, self.exact)
         return y + self.offset if self.offset is not None and add_offset else y
 
 
@@ -111,14 +122,15 @@ def _affine_levels(wq, w_in):
 class _QLayer(nn.Module):
     """Export stand-in for a quantized Linear / Conv1d / Conv2d / Embedding."""
 
-    def __init__(self, m, wq, aq, nbits_block=0, nbits_accuracy=0):
+    def __init__(self, m, wq, aq, nbits_block=0, nbits_accuracy=0, exact=False):
         super().__init__()
         self.kind = layer_kind(m)
         if self.kind not in ("Linear", "Conv1d", "Conv2d", "Embedding"):
             raise ConfigError(f"export_onnx: cannot export a quantized {type(m).__name__}")
         self.conv_args = ((m.stride, m.padding, m.dilation, m.groups) if self.kind.startswith("Conv")
                           else m.padding_idx if self.kind == "Embedding" else None)
-        self.act = _Act(aq) if aq is not None else None
+        self.act = _Act(aq, exact) if aq is not None else None
+        self.exact = exact
         w_hat = m.weight.detach()
         bias = m.bias.detach().clone() if getattr(m, "bias", None) is not None else None
         padded = self.kind.startswith("Conv") and (m.padding == "same" or any(p for p in m.padding))
@@ -161,7 +173,7 @@ class _QLayer(nn.Module):
     def weight(self):
         if self.w_int is None:
             return self.w_float
-        return weight_dq(self.w_int, self.w_scale, self.axis)
+        return weight_dq(self.w_int, self.w_scale, self.axis, self.exact)
 
     def forward(self, x, *args, **kwargs):
         if self.kind == "Embedding":
@@ -169,7 +181,7 @@ class _QLayer(nn.Module):
                 rows = F.embedding(x, self.w_int).to(self.w_scale.dtype)
                 return rows * F.embedding(x, self.w_scale.reshape(-1, 1))
             if self.w_int is not None:
-                return weight_dq(F.embedding(x, self.w_int), self.w_scale, 0)
+                return weight_dq(F.embedding(x, self.w_int), self.w_scale, 0, self.exact)
             return F.embedding(x, self.w_float, self.conv_args)
         if self.act is not None:
             x = self.act(x, add_offset=not self.fold)
@@ -201,7 +213,7 @@ def _dynamic_batch(example_inputs):
 @torch.no_grad()
 def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, output_names=None,
                 dynamic_shapes="batch", matmul_nbits: int = 0, nbits_accuracy: int = 0,
-                opset: int | None = None, check: bool = True) -> Path:
+                exact: bool = False, opset: int | None = None, check: bool = True) -> Path:
     """Export a quantized model (fake-quant, or ``load_packed(..., runtime="fakequant")``) to ONNX
     with torch's dynamo exporter (``opset`` None: the exporter's default, 20 in torch 2.13).
 
@@ -209,7 +221,9 @@ def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, out
     tokenizer output). ``dynamic_shapes``: "batch" (dim 0 of every input), None (static) or a
     ``torch.export`` dynamic_shapes spec. ``matmul_nbits``: block size (power of two >= 16) to emit
     MatMulNBits for Linear weights with levels in [-8, 7]; 0 keeps QDQ. ``nbits_accuracy``: its
-    accuracy_level (0: float compute, exact; 4: int8 compute, faster, inexact). The model is unchanged."""
+    accuracy_level (0: float compute, exact; 4: int8 compute, faster, inexact). ``exact``: keep
+    onnxruntime on float kernels (its integer fusions round biases to int32 and requantize, which
+    can flip a code); outputs then match PyTorch to float rounding. The model is unchanged."""
     if matmul_nbits and (matmul_nbits < 16 or matmul_nbits & (matmul_nbits - 1)):
         raise ConfigError(f"matmul_nbits block size must be a power of two >= 16, got {matmul_nbits}")
     layers = [(n, m, wq, aq) for n, m, wq, aq in quantized_layers(model)]
@@ -231,7 +245,7 @@ def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, out
     swapped = []
     try:
         for n, m, wq, aq in layers:
-            swapped.append((n, _swap(model, n, _QLayer(m, wq, aq, matmul_nbits, nbits_accuracy))))
+            swapped.append((n, _swap(model, n, _QLayer(m, wq, aq, matmul_nbits, nbits_accuracy, exact))))
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(model, example_inputs, str(path), kwargs=kwargs or None, dynamo=True,

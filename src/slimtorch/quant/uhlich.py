@@ -15,8 +15,12 @@ maps and the core's gradients w.r.t. x, s and q_p give exactly the STE gradients
     U3 [d, qmax]:  inside dQ/dd = (Q-x)/d, dQ/dqmax = 0; outside dQ/dd = 0, dQ/dqmax = sign(x) (Eq. 3c)
 Forward constraints (Sec. 2.2): b rounded to an integer, d rounded to a power of two, and qmax snapped
 to the grid (round(qmax/d) d, as the official code does for the size) so every output is an integer
-code times d; all three with straight-through gradients. Unsigned activations use [0, qmax] and
-b = ceil(log2(qmax/d + 1)) (no sign bit); signed ones b = ceil(log2(qmax/d + 1) + 1) (Sec. 4).
+code times d; all three with straight-through gradients (for a float d that is not a power of two
+the gradients w.r.t. d carry the factor d_q/d of the log-domain STE; inside the range that makes
+dQ/dd = (Q-x)/d with the float d). Unsigned activations use [0, qmax] and b = ceil(log2(qmax/d + 1))
+(no sign bit); signed ones b = ceil(log2(qmax/d + 1) + 1) (Sec. 4).
+With a bit set, tied W/A bits or a bits floor, the forward pass uses the full level range of the
+effective bits (qmax = (2^(b-1) - 1) d); a one-element bit set freezes the bits (``freeze_bits_``).
 """
 from __future__ import annotations
 
@@ -29,10 +33,11 @@ from ..attach import add_weight_transform, raw_weight, set_input_quantizer
 from ..config import register_config, register_handler
 from ..errors import ConfigError
 from .configs import QuantConfig
-from .fake_quant import fake_quant, round_ste
+from .fake_quant import fake_quant
+from .pow2 import Pow2Quantizer
 from .quantizer import register_quantizer
-from .uhlich_params import (DEFAULT_RANGES, UhlichBase, bits_at_least, ceil_ste, check_bit_set, check_range, pow2_ste,
-                            resolve_ranges, ste, tie)
+from .uhlich_params import (DEFAULT_RANGES, UhlichBase, bits_at_least, ceil_ste, check_bit_set,
+                            check_range, pow2_ste, resolve_ranges, ste, tie)
 
 PAPER_STEP = 2.0 ** -3     # d init from random init / activations (Sec. 4, train_resnet.py)
 
@@ -206,7 +211,6 @@ class Uhlich(QuantConfig):
 
 def make_quantizer(kind: str, parametrization: str, role: str, **kw) -> UhlichBase:
     if kind == "pow2":
-        from .pow2 import Pow2Quantizer
         return Pow2Quantizer(parametrization, role, **kw)
     kw.pop("with_zero", None)
     return UniformQuantizer(parametrization, role, **kw)
@@ -242,4 +246,4 @@ def _apply_uhlich(model: nn.Module, cfg: Uhlich, layers, bits):
         attach_budget(model, budget)
 
 
-__all__ = ["Uhlich", "UniformQuantizer", "make_quantizer", "tie", "check_range"]
+__all__ = ["Uhlich", "UniformQuantizer", "Pow2Quantizer", "make_quantizer", "tie", "check_range"]
