@@ -8,7 +8,7 @@ from .errors import CheckpointError, ConfigError, DataError, PatternError, Slimt
 from .quant import LSQ, LSQPlus, calibrate, quantize_, quantized_layers
 from .quant.uhlich import Uhlich
 from .report import report
-from .search.penalty import MemoryBudget, penalty, read_plan, step
+from .search.penalty import MemoryBudget, freeze_bits_, penalty, read_plan, step
 from .search.hawq import HAWQConfig, hawq_plan, hawq_search
 from .search.hessian import hutchinson_traces
 from .export import export_onnx, load_packed, save_packed
@@ -16,7 +16,7 @@ from .export import export_onnx, load_packed, save_packed
 __version__ = "0.1.0"
 
 __all__ = ["LSQ", "LSQPlus", "Uhlich", "calibrate", "quantize_", "quantized_layers", "report",
-           "penalty", "step", "read_plan", "MemoryBudget", "HAWQConfig", "hawq_plan", "hawq_search",
+           "penalty", "step", "read_plan", "freeze_bits_", "MemoryBudget", "HAWQConfig", "hawq_plan", "hawq_search",
            "hutchinson_traces", "save_packed", "load_packed", "export_onnx",
            "config_from_dict", "config_to_dict", "load_config", "save_config",
            "CheckpointError", "ConfigError", "DataError", "PatternError", "SlimtorchError"]
