@@ -85,9 +85,9 @@ def main():
                      ["| " + " | ".join(r) + " |" for r in rows])
     note = ("Theoretical bytes = sum over layers of ceil(numel x bits / 8) + 4 B per bias and quantizer "
             "parameter + 4 B per other float parameter (search/budget.py). The file adds the safetensors "
-            "index, the JSON header (format, quantizer specs, layer table, SHA-256 + CRC32 checksums) "
-            "and, for MiniLM, the non-parameter buffer `embeddings.token_type_ids` (int64, 4 KiB) that "
-            "the theory does not count.")
+            "index and the JSON header (format, quantizer table, layer table, per-layer theoretical "
+            "costs, SHA-256 + CRC32 checksums, and for MiniLM the model's config so that `load_packed` "
+            "can rebuild it without a factory).")
     write_section("Packed export: file size", body + "\n\n" + note)
     print(body)
 

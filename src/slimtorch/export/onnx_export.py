@@ -8,7 +8,10 @@ Each quantized layer is swapped (only for the duration of the export) for a modu
           with ``matmul_nbits`` 2..4-bit Linear weights become com.microsoft MatMulNBits (4-bit
           blocks, zero point 8, per-block scale = the layer's step).
   LSQ+ offsets fold into the bias (Linear, unpadded Conv) or are added back after DQ (padded Conv).
-Quantizers whose codes are not an affine grid (decode != (codes + q_n) * s) export float weights."""
+Quantizers whose codes are not an affine grid (decode != (codes + q_n) * s) export float weights.
+onnxruntime fuses these patterns into integer kernels (MatMulIntegerToFloat, QLinearConv, QGemm);
+its Conv/Gemm fusions round the bias to int32 and requantize, so a rare code differs from PyTorch.
+``exact=True`` dequantizes with Cast/Sub/Mul instead: float kernels, PyTorch's arithmetic."""
 from __future__ import annotations
 
 import contextlib
