@@ -17,6 +17,20 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
+def render_table(head, body, foot) -> list[str]:
+    """Aligned text table lines (first two columns left-aligned, the rest right-aligned)."""
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, foot)]
+    line = lambda r: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths)))
+    sep = "-" * (sum(widths) + 2 * (len(widths) - 1))
+    return [line(head), sep, *map(line, body), sep, line(foot)]
+
+
+def render_markdown(head, body, foot) -> str:
+    rows = [head, ["---"] * len(head), *body, foot]
+    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
+
+
 @dataclass
 class Report:
     rows: list = field(default_factory=list)
@@ -35,21 +49,14 @@ class Report:
         return head, body, foot
 
     def __str__(self) -> str:
-        head, body, foot = self._table()
-        widths = [max(len(str(x)) for x in col) for col in zip(head, *body, foot)]
-        line = lambda r: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
-                                   for i, (c, w) in enumerate(zip(r, widths)))
-        sep = "-" * (sum(widths) + 2 * (len(widths) - 1))
         t = self.totals
         tail = (f"FP32 {_fmt_bytes(t['fp32_bytes'])} -> {_fmt_bytes(t['bytes'])}  "
                 f"(x{t['compression']:.2f} smaller; other float params: {t['other_params']:,})")
-        return "\n".join([line(head), sep, *map(line, body), sep, line(foot), tail])
+        return "\n".join([*render_table(*self._table()), tail])
 
     def to_markdown(self) -> str:
-        head, body, foot = self._table()
-        rows = [head, ["---"] * len(head), *body, foot]
         t = self.totals
-        return ("\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows) +
+        return (render_markdown(*self._table()) +
                 f"\n\nFP32 {t['fp32_bytes']:,} B -> {t['bytes']:,} B (x{t['compression']:.2f}).\n")
 
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..report import _fmt_bytes
+from ..report import _fmt_bytes, render_markdown, render_table
 from .packed import read_packed
 
 
@@ -39,17 +39,10 @@ class FileReport:
                 f"-> x{t['compression']:.2f} smaller")
 
     def __str__(self) -> str:
-        head, body, foot = self._table()
-        widths = [max(len(str(x)) for x in col) for col in zip(head, *body, foot)]
-        line = lambda r: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
-                                   for i, (c, w) in enumerate(zip(r, widths)))
-        sep = "-" * (sum(widths) + 2 * (len(widths) - 1))
-        return "\n".join([line(head), sep, *map(line, body), sep, line(foot), self.summary()])
+        return "\n".join([*render_table(*self._table()), self.summary()])
 
     def to_markdown(self) -> str:
-        head, body, foot = self._table()
-        rows = [head, ["---"] * len(head), *body, foot]
-        return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows) + f"\n\n{self.summary()}\n"
+        return render_markdown(*self._table()) + f"\n\n{self.summary()}\n"
 
     def plot(self, png_path) -> Path:
         """Bar chart: W/A bits per layer (top) and theoretical vs file bytes per layer (bottom)."""
