@@ -166,3 +166,11 @@ def test_encode_decode_bit_exact_and_rebuild():
         q2 = build_quantizer(q.spec())
         q2.load_state_dict(q.state_dict())
         assert torch.equal(q2(x), y)
+
+
+def test_signed_one_bit_is_refused():
+    with pytest.raises(ConfigError, match="at least 2 bits"):
+        LSQQuantizer(1, "weight", signed=True)
+    q = LSQQuantizer(1, "weight", signed=False)
+    w = torch.rand(4, 4)
+    assert q(w).unique().numel() <= 2

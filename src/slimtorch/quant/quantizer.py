@@ -111,6 +111,9 @@ class LSQQuantizer(Quantizer):
             raise ConfigError(f"unknown init {init!r}; expected one of {INITS}")
         if learn_offset:
             signed = False
+        if signed and bits < 2:
+            raise ConfigError(f"{role} bits={bits}: a signed quantizer needs at least 2 bits "
+                              "(1 bit has no positive level)")
         self.role, self.init, self.narrow, self.learn_offset = role, init, narrow, learn_offset
         self.use_grad_scale = use_grad_scale
         self._spec = {"type": type(self).__name__, "bits": bits, "role": role, "signed": signed,
