@@ -10,21 +10,9 @@ from slimtorch.quant import build_quantizer
 from slimtorch.quant.pow2 import Pow2Quantizer, pow2_quant
 from slimtorch.quant.uhlich import Uhlich
 
+from per_element_grads import per_element_grads  # noqa: E402
+
 LN2 = math.log(2.0)
-
-
-def per_element_grads(q, x):
-    x = x.clone().requires_grad_(True)
-    y = q(x)
-    names = [n for n, _ in q.named_parameters()]
-    params = [p for _, p in q.named_parameters()]
-    grads = {n: torch.zeros_like(x) for n in names + ["x"]}
-    for i in range(x.numel()):
-        gs = torch.autograd.grad(y[i], params + [x], retain_graph=True, allow_unused=True)
-        for n, g in zip(names + ["x"], gs):
-            if g is not None:
-                grads[n][i] = g[i] if n == "x" else g
-    return y.detach(), grads
 
 
 WIDE = {"qmin": (2.0 ** -100, 2.0 ** 100), "qmax": (2.0 ** -100, 2.0 ** 100)}

@@ -12,22 +12,9 @@ from slimtorch.quant import build_quantizer
 from slimtorch.quant.uhlich import Uhlich, UniformQuantizer, tie
 from slimtorch.search.penalty import read_plan
 
+from per_element_grads import per_element_grads  # noqa: E402
+
 LN2 = math.log(2.0)
-
-
-def per_element_grads(q, x):
-    """Q(x) and, per element i, dQ_i/dtheta for every parameter and dQ_i/dx_i."""
-    x = x.clone().requires_grad_(True)
-    y = q(x)
-    names = [n for n, _ in q.named_parameters()]
-    params = [p for _, p in q.named_parameters()]
-    grads = {n: torch.zeros_like(x) for n in names + ["x"]}
-    for i in range(x.numel()):
-        gs = torch.autograd.grad(y[i], params + [x], retain_graph=True, allow_unused=True)
-        for n, g in zip(names + ["x"], gs):
-            if g is not None:
-                grads[n][i] = g[i] if n == "x" else g
-    return y.detach(), grads
 
 
 def make(p, role="weight", dtype=torch.float64, signed=True, **values):

@@ -79,6 +79,28 @@ class Quantizer(nn.Module):
         p = self.quant_params()
         return p["scale"].numel() + (p["offset"].numel() if p["offset"] is not None else 0)
 
+    # -- Python mirrors of the _signed / _initialized buffers, so the hot path never reads a
+    #    device tensor; subclasses call _sync_flags() from their _sync() --
+    def _sync_flags(self):
+        s = int(self._signed)
+        self._sgn = None if s < 0 else bool(s)
+        self._init_done = bool(self._initialized)
+
+    def _sync(self):
+        self._sync_flags()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync()
+
+    @property
+    def signed(self):
+        return self._sgn
+
+    @property
+    def initialized(self) -> bool:
+        return self._init_done
+
     # calibration protocol (see slimtorch.calibrate)
     observing: bool = False
 
@@ -129,15 +151,9 @@ class LSQQuantizer(Quantizer):
     # -- state mirrored in Python so the hot path never reads a device tensor --
     def _sync(self):
         self._b = int(self._bits)
-        s = int(self._signed)
-        self._sgn = None if s < 0 else bool(s)
-        self._init_done = bool(self._initialized)
+        self._sync_flags()
         if self._sgn is not None:
             self.q_n, self.q_p = qrange(self._b, self._sgn, self.narrow)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._sync()
 
     @property
     def bits(self) -> int:
@@ -148,14 +164,6 @@ class LSQQuantizer(Quantizer):
         check_bits(value, f"{self.role} bits", 1 if self.role == "weight" else 2)
         self._bits.fill_(value)
         self._sync()
-
-    @property
-    def signed(self):
-        return self._sgn
-
-    @property
-    def initialized(self) -> bool:
-        return self._init_done
 
     def extra_repr(self):
         kind = "lsq+" if self.learn_offset else "lsq"

@@ -157,24 +157,6 @@ class UhlichBase(Quantizer):
         if init == "paper":
             self.paper_init()
 
-    # -- python mirrors of buffers --
-    def _sync(self):
-        s = int(self._signed)
-        self._sgn = None if s < 0 else bool(s)
-        self._init_done = bool(self._initialized)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._sync()
-
-    @property
-    def signed(self):
-        return self._sgn
-
-    @property
-    def initialized(self) -> bool:
-        return self._init_done
-
     def _s(self) -> int:
         """Bits spent on the sign (unknown activation sign counts as unsigned)."""
         return 1 if self._sgn else 0
