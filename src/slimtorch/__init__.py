@@ -5,7 +5,7 @@ The verbs work inside any training loop:
 """
 from .config import config_from_dict, config_to_dict, load_config, save_config
 from .errors import CheckpointError, ConfigError, DataError, PatternError, SlimtorchError
-from .quant import LSQ, LSQPlus, calibrate, quantize_, quantized_layers
+from .quant import LSQ, LSQPlus, calibrate, quantize_, quantized_layers, share_input_quantizers
 from .quant.uhlich import Uhlich
 from .report import report
 from .search.penalty import MemoryBudget, freeze_bits_, penalty, read_plan, step
@@ -15,7 +15,7 @@ from .export import export_onnx, load_packed, save_packed
 
 __version__ = "0.1.0"
 
-__all__ = ["LSQ", "LSQPlus", "Uhlich", "calibrate", "quantize_", "quantized_layers", "report",
+__all__ = ["LSQ", "LSQPlus", "Uhlich", "calibrate", "quantize_", "quantized_layers", "share_input_quantizers", "report",
            "penalty", "step", "read_plan", "freeze_bits_", "MemoryBudget", "HAWQConfig", "hawq_plan", "hawq_search",
            "hutchinson_traces", "save_packed", "load_packed", "export_onnx",
            "config_from_dict", "config_to_dict", "load_config", "save_config",

@@ -122,3 +122,51 @@ def test_errors_on_save_and_load_arguments(tmp_path):
         load_packed(tmp_path / "m.slim", fresh, runtime="gpu")
     with pytest.raises(ConfigError, match="float model"):
         load_packed(tmp_path / "m.slim", m)           # already quantized
+
+
+def test_reads_version_1_files(tmp_path, monkeypatch):
+    """A version-1 file (plain JSON text, one <name>.params tensor per layer, full cost rows) loads
+    to the same model and the same report as the version-2 file."""
+    import json
+
+    from slimtorch.export import container
+    from slimtorch.export.file_report import file_report
+    from slimtorch.export.packed import cost_rows
+    m, ids = quantized(st.LSQPlus(w_bits=3, a_bits=5, weights="per_channel"))
+    with torch.no_grad():
+        want = m(ids)
+    save_packed(m, tmp_path / "v2.slim")
+    meta, split, _ = read_packed(tmp_path / "v2.slim")
+    _, raw, _ = container.read_container(tmp_path / "v2.slim")
+    tensors = {k: v for k, v in raw.items() if k != "params"}
+    tensors.update({f"{e['name']}.params": split[f"{e['name']}.params"] for e in meta["layers"]})
+    meta = dict(meta, version=1, costs=cost_rows(meta), theory={k: v for k, v in meta["theory"].items()
+                                                                 if k != "params"})
+    meta.pop("crc32")
+    monkeypatch.setattr(container, "encode_text", lambda d: json.dumps(d, separators=(",", ":")))
+    container.write_container(tmp_path / "v1.slim", tensors, meta)
+    assert b'\\"version\\":1' in (tmp_path / "v1.slim").read_bytes()
+    with torch.no_grad():
+        assert torch.equal(load_packed(tmp_path / "v1.slim", fresh)(ids), want)
+    r1, r2 = file_report(tmp_path / "v1.slim"), file_report(tmp_path / "v2.slim")
+    assert r1.rows == r2.rows and r1.totals["theory_bytes"] == r2.totals["theory_bytes"]
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_resnet20_with_batchnorm_within_budget(bits, tmp_path):
+    """Many small layers and BatchNorm statistics: the header stays small and the data section is
+    exactly the theoretical size (which counts the running statistics)."""
+    from slimtorch.export.file_report import file_report
+    from slimtorch.models import build_model
+    torch.manual_seed(0)
+    m = build_model("resnet20")
+    st.quantize_(m, st.LSQ(w_bits=bits, a_bits=bits))
+    st.calibrate(m, [torch.randn(4, 3, 32, 32)])
+    save_packed(m, tmp_path / "r.slim")
+    t = file_report(tmp_path / "r.slim").totals
+    assert t["within_limit"] and t["header_bytes"] < 4096
+    assert t["file_bytes"] - t["header_bytes"] == t["theory_bytes"]
+    assert t["other_file_bytes"] == t["theory_other_bytes"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_packed(tmp_path / "r.slim", build_model("resnet20"))(x), m.eval()(x))

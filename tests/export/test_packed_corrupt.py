@@ -10,7 +10,7 @@ from torch import nn
 import slimtorch as st
 from slimtorch.errors import CheckpointError
 from slimtorch.export import load_packed, save_packed
-from slimtorch.export.container import read_container, write_container
+from slimtorch.export.container import ZPREFIX, decode_text, encode_text, read_container, write_container
 
 
 def net(width=4):
@@ -57,20 +57,51 @@ def test_truncated(packed):
         load(packed)
 
 
+def raw_header(path):
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8:8 + n]), blob[8 + n:]
+
+
+def write_raw(path, head, data):
+    hb = json.dumps(head, separators=(",", ":")).encode()
+    path.write_bytes(struct.pack("<Q", len(hb)) + hb + data)
+
+
 def test_flipped_data_byte_names_the_tensor(packed):
-    data = bytearray(packed.read_bytes())
-    data[-5] ^= 0x01                                   # inside the last tensor (fc bias)
-    packed.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"data is corrupt.*3\.params"):
-        load(packed)
+    good = packed.read_bytes()
+    head, data = raw_header(packed)
+    start = len(good) - len(data)                      # where the data section begins
+    for tensor, pattern in (("3.w_codes", r"3\.w_codes"), ("params", r"params")):
+        data = bytearray(good)
+        data[start + head[tensor]["data_offsets"][0] + 1] ^= 0x01
+        packed.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match=r"data is corrupt.*damaged tensor\(s\): " + pattern):
+            load(packed)
 
 
 def test_flipped_header_byte(packed):
-    data = bytearray(packed.read_bytes())
-    i = data.index(b'\\"bits\\":3')                    # inside the escaped format text
-    data[i + 9] = ord("5")                             # "bits":3 -> "bits":5, still valid JSON
-    packed.write_bytes(bytes(data))
+    good = packed.read_bytes()
+    head, data = raw_header(packed)
+    text = head["__metadata__"]["slimtorch.packed"]
+    assert text.startswith(ZPREFIX)                   # compressed format text (version 2)
+    i = len(text) // 2                                 # one base64 digit changed: still base64
+    head["__metadata__"]["slimtorch.packed"] = text[:i] + ("A" if text[i] != "A" else "B") + text[i + 1:]
+    write_raw(packed, head, data)
     with pytest.raises(CheckpointError, match="header is corrupt"):
+        load(packed)
+    # a well-formed edit (bits 3 -> 5, validly re-compressed) is caught by the header SHA-256 alone
+    meta = decode_text(text)
+    meta["layers"][0]["bits"] = 5
+    head["__metadata__"]["slimtorch.packed"] = encode_text(meta)
+    write_raw(packed, head, data)
+    with pytest.raises(CheckpointError, match="header is corrupt: SHA-256"):
+        load(packed)
+    packed.write_bytes(good)                           # an edit of the tensor index
+    head, data = raw_header(packed)
+    head["3.w_codes"]["dtype"] = "I8"                  # same size, so only the digest can tell
+    write_raw(packed, head, data)
+    with pytest.raises(CheckpointError, match="header is corrupt: SHA-256"):
         load(packed)
 
 
@@ -101,8 +132,8 @@ def test_shape_mismatch_in_file_and_model(packed):
     with pytest.raises(CheckpointError, match=r"3\.w_codes holds .* need"):
         load(packed)
     packed.write_bytes(good)
-    rewrite(packed, lambda meta, t: t.update({"0.params": torch.ones(7)}))   # bias 4 + 2 steps
-    with pytest.raises(CheckpointError, match=r"0\.params holds 7 values, its header entries need 6"):
+    rewrite(packed, lambda meta, t: t.update({"params": t["params"][:-1]}))  # 4 + 2 steps, 10 + 2 steps
+    with pytest.raises(CheckpointError, match=r"tensor params holds 17 values, its header entries need 18"):
         load(packed)
 
 
@@ -128,3 +159,10 @@ def test_not_a_packed_file(tmp_path):
         load(p)
     with pytest.raises(CheckpointError, match="does not exist"):
         load(tmp_path / "missing.slim")
+
+
+def test_compressed_header_size_is_capped(packed, monkeypatch):
+    from slimtorch.export import container
+    monkeypatch.setattr(container, "MAX_TEXT", 100)     # a decompression bomb is refused, not expanded
+    with pytest.raises(CheckpointError, match=r"header is corrupt: .*not valid \(compressed\) JSON"):
+        load(packed)

@@ -1,5 +1,6 @@
 """Budget module extensions: differentiable weight/activation bytes agree with the packed-file byte
-accounting of ``layer_cost`` and with ``trace_layers``; the Table-2 (bias at b bits) variant."""
+accounting of ``layer_cost`` and with ``trace_layers``; the Table-2 (bias at b bits) variant; model
+totals count the persistent buffers (BatchNorm statistics, ...) the file must store."""
 import math
 
 import pytest
@@ -82,3 +83,59 @@ def test_existing_functions_unchanged():
     assert B.bitops(shapes, bits) == sum(s.macs for s in shapes.values()) * 16
     cost = B.layer_cost("5", m[5])
     assert cost.bytes == math.ceil(1280 * 4 / 8) + 4 * (10 + 2) and cost.qparams == 2
+
+
+class _Gain(nn.Module):
+    """A persistent float16 buffer (counted at 2 B) and a non-persistent one (not stored, not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("gain", torch.ones(3, dtype=torch.float16))
+        self.register_buffer("scratch", torch.zeros(100), persistent=False)
+
+    def forward(self, x):
+        return x
+
+
+def _conv_bn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), _Gain(),
+                         nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+
+
+def test_model_costs_count_buffers_by_hand(tmp_path):
+    m = _conv_bn()
+    st.quantize_(m, st.LSQ(w_bits=4, a_bits=4))
+    st.calibrate(m, [torch.randn(4, 1, 8, 8)])
+    c = B.model_costs(m)
+    conv = math.ceil(36 * 4 / 8) + 4 * (0 + 1 + 1)             # codes, no bias, W step + A step
+    fc = math.ceil(1440 * 4 / 8) + 4 * (10 + 1 + 1)            # codes, bias, W step + A step
+    assert [r.bytes for r in c["layers"]] == [conv, fc] == [26, 768]
+    assert c["other_params"] == 8 and c["other_param_bytes"] == 4 * 8    # BN weight + bias
+    # running_mean 4 + running_var 4 (float32), num_batches_tracked (int64), gain 3 x float16;
+    # quantizer buffers (_bits, _signed, _initialized) and the non-persistent scratch are not counted
+    assert c["buffers"] == 4 + 4 + 1 + 3 and c["buffer_bytes"] == 4 * 8 + 8 + 2 * 3 == 46
+    assert c["bytes"] == 26 + 768 + 32 + 46 == 872
+    assert c["params"] == 36 + 8 + 1440 + 10
+    assert c["fp32_bytes"] == 4 * (36 + 8 + 1440 + 10) + 46
+    assert B.weight_bytes(m) == 26 + 768                         # Uhlich's S^w: quantizable layers only
+    assert st.report(m).totals["bytes"] == 872
+    from slimtorch.export import save_packed
+    from slimtorch.export.file_report import file_report
+    info = save_packed(m, tmp_path / "m.slim")
+    t = file_report(tmp_path / "m.slim").totals
+    assert info["theoretical_bytes"] == t["theory_bytes"] == 872
+    assert t["file_bytes"] - t["header_bytes"] == 872            # the data section is exactly the theory
+    assert t["other_file_bytes"] == t["theory_other_bytes"] == 32 + 46
+
+
+def test_model_costs_shared_and_quantizer_buffers():
+    m = _conv_bn()
+    m[3].register_buffer("alias", m[1].running_mean)             # the same tensor twice: stored once
+    assert B.model_costs(m)["buffer_bytes"] == 46
+    assert [n for n, _ in B.state_buffers(m)] == ["1.running_mean", "1.running_var",
+                                                  "1.num_batches_tracked", "3.gain"]
+    st.quantize_(m, st.LSQ(w_bits=4, a_bits=4))
+    assert [n for n, _ in B.state_buffers(m)] == ["1.running_mean", "1.running_var",
+                                                  "1.num_batches_tracked", "3.gain"]
+    assert B.model_costs(m)["buffer_bytes"] == 46

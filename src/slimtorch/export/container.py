@@ -4,14 +4,19 @@ Layout: 8-byte little-endian header length N, N bytes of JSON (space-padded to a
 then the tensors' bytes back to back in header order. The JSON holds safetensors' index
 {name: {dtype, shape, data_offsets}} and ``__metadata__`` with three strings:
 
-    "slimtorch.packed"  the format description (JSON text, see packed.py)
-    "sha256.header"     SHA-256 of canonical(index) + 0x00 + the format text
+    "slimtorch.packed"  the format description: "zlib+base64:" + base64(zlib(JSON text)), see
+                        packed.py (version 1 files hold the JSON text itself, also read)
+    "sha256.header"     SHA-256 of canonical(index) + 0x00 + the stored format string
     "sha256.data"       SHA-256 of the data section
 
 The format text also carries "crc32": 8 hex digits per tensor in index order, used only to name
-the tensor a data-checksum failure comes from. Reading never unpickles anything."""
+the tensor a data-checksum failure comes from. Compression keeps the header small for models with
+many layers (the text repeats keys, quantizer specs and layer-name prefixes); the decompressed size
+is capped. Reading never unpickles anything."""
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import os
@@ -29,6 +34,8 @@ DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", to
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
           torch.uint8: "U8", torch.bool: "BOOL"}
 TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
+ZPREFIX = "zlib+base64:"
+MAX_TEXT = 64 << 20      # decompressed format text, bytes
 ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
             "BOOL": 1}
 
@@ -39,6 +46,30 @@ def _canonical(index: dict) -> bytes:
 
 def _header_digest(index: dict, text: str) -> str:
     return hashlib.sha256(_canonical(index) + b"\0" + text.encode()).hexdigest()
+
+
+def encode_text(meta: dict) -> str:
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    return ZPREFIX + base64.b64encode(zlib.compress(text, 9)).decode("ascii")
+
+
+def decode_text(stored) -> dict:
+    """The format dict of a stored format string (compressed or plain JSON); ValueError if bad."""
+    if not isinstance(stored, str):
+        raise ValueError("not a string")
+    if stored.startswith(ZPREFIX):
+        try:
+            d = zlib.decompressobj()
+            raw = d.decompress(base64.b64decode(stored[len(ZPREFIX):], validate=True), MAX_TEXT)
+            if d.unconsumed_tail or not d.eof:
+                raise ValueError("truncated or over the size cap")
+            stored = raw.decode("utf-8")
+        except (binascii.Error, zlib.error, UnicodeDecodeError) as e:
+            raise ValueError(str(e)) from None
+    meta = json.loads(stored)
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    return meta
 
 
 def _tensor_bytes(t) -> tuple[str, list[int], bytes]:
@@ -64,7 +95,7 @@ def write_container(path, tensors: dict, meta: dict) -> int:
         chunks.append(raw)
         offset += len(raw)
     meta = dict(meta, crc32="".join(f"{zlib.crc32(c):08x}" for c in chunks))
-    text = json.dumps(meta, separators=(",", ":"))
+    text = encode_text(meta)
     data = b"".join(chunks)
     head = {"__metadata__": {META_KEY: text, "sha256.header": _header_digest(index, text),
                              "sha256.data": hashlib.sha256(data).hexdigest()}, **index}
@@ -133,22 +164,21 @@ def read_container(path) -> tuple[dict, dict, dict]:
     if not isinstance(md, dict) or META_KEY not in md:
         hint = " (it is a training checkpoint: use load_checkpoint)" if "slimtorch" in md else ""
         _fail(path, f"not a slimtorch packed model: no {META_KEY!r} metadata{hint}")
+    if isinstance(md[META_KEY], str) and md.get("sha256.header") != _header_digest(head, md[META_KEY]):
+        _fail(path, "header is corrupt: SHA-256 of the header does not match (edited or damaged)")
     try:
-        meta = json.loads(md[META_KEY])
-        assert isinstance(meta, dict)
-    except (TypeError, ValueError, AssertionError):
-        _fail(path, "header is corrupt: the slimtorch metadata is not valid JSON")
-    from .packed import FORMAT, VERSION  # the format owns its tag and version
+        meta = decode_text(md[META_KEY])
+    except ValueError:
+        _fail(path, "header is corrupt: the slimtorch metadata is not valid (compressed) JSON")
+    from .packed import FORMAT, READ_VERSIONS, VERSION  # the format owns its tag and versions
     if meta.get("format") != FORMAT:
         _fail(path, f"not a slimtorch packed model (format {meta.get('format')!r}, expected {FORMAT!r})")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in READ_VERSIONS or isinstance(meta.get("version"), bool):
         _fail(path, f"unsupported packed format version {meta.get('version')!r}: this slimtorch "
-                    f"reads version {VERSION}" + (" (upgrade slimtorch)" if isinstance(
+                    f"reads versions {', '.join(map(str, READ_VERSIONS))}" + (" (upgrade slimtorch)" if isinstance(
                         meta.get("version"), int) and meta["version"] > VERSION else ""))
     data = memoryview(blob)[8 + n:]
     _check_index(path, head, len(data))
-    if md.get("sha256.header") != _header_digest(head, md[META_KEY]):
-        _fail(path, "header is corrupt: SHA-256 of the header does not match (edited or damaged)")
     names = list(head)
     if md.get("sha256.data") != hashlib.sha256(data).hexdigest():
         crcs = meta.get("crc32", "")

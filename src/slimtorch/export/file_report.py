@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..report import _fmt_bytes, render_markdown, render_table
-from .packed import read_packed
+from .packed import cost_rows, read_packed
 
 
 @dataclass
@@ -77,9 +77,11 @@ def file_report(path) -> FileReport:
     size = Path(path).stat().st_size
     nbytes = {k: e["data_offsets"][1] - e["data_offsets"][0] for k, e in index.items()}
     own = {}                                   # bytes per owning layer name (None = other state)
-    for e in meta["layers"]:
-        own[e["name"]] = sum(nbytes.get(f"{e['name']}.{t}", 0) for t in ("w_codes", "weight", "params"))
-    float_layers = {r[0] for r in meta["costs"] if r[0] not in own}
+    for e in meta["layers"]:                   # params: the layer's slice of the pooled tensor (v2)
+        keys = [f"{e['name']}.{t}" for t in ("w_codes", "weight", "params")]
+        own[e["name"]] = sum(tensors[k].numel() * tensors[k].element_size() for k in keys if k in tensors)
+    costs = cost_rows(meta)
+    float_layers = {r[0] for r in costs if r[0] not in own}
     other = 0
     for code, keys in meta["state"].items():
         for k, shape in keys:
@@ -91,7 +93,7 @@ def file_report(path) -> FileReport:
                 other += b
     rows = [{"name": n, "kind": kind, "params": params, "w_bits": w_bits, "a_bits": a_bits,
              "theory_bytes": theory, "file_bytes": own.get(n, 0)}
-            for n, kind, params, w_bits, a_bits, theory in meta["costs"]]
+            for n, kind, params, w_bits, a_bits, theory in costs]
     data = sum(nbytes.values())
     theory = meta["theory"]["bytes"]
     totals = {"file_bytes": size, "header_bytes": size - data, "other_file_bytes": other,
@@ -99,5 +101,5 @@ def file_report(path) -> FileReport:
               "fp32_bytes": meta["theory"]["fp32_bytes"], "file_over_theory": size / theory,
               "limit_bytes": 1.02 * theory + 4096, "within_limit": size <= 1.02 * theory + 4096,
               "compression": meta["theory"]["fp32_bytes"] / size,
-              "params": meta["theory"]["fp32_bytes"] // 4}
+              "params": meta["theory"].get("params", meta["theory"]["fp32_bytes"] // 4)}
     return FileReport(str(path), rows, totals)

@@ -2,11 +2,14 @@
 
 Each quantized layer is swapped (only for the duration of the export) for a module that emits:
   input:  [Sub beta] -> QuantizeLinear(s, z) -> [Clip when narrower than 8 bits] -> DequantizeLinear
-          (uint8; z = 128 for signed levels, else 0; static scale learned by QAT)
+          (uint8, zero point z = -q_n: 128 for signed 8-bit levels, 0 for unsigned, the learned
+          integer zero point of LSQ+ with integer_offset; static scale learned by QAT)
   weight: int8/uint8 initializer of the integer levels -> DequantizeLinear (per-tensor or axis)
           Linear: MatMul(x, DQ(W^T)) (+ bias), the pattern onnxruntime fuses into integer GEMMs;
           with ``matmul_nbits`` 2..4-bit Linear weights become com.microsoft MatMulNBits (4-bit
-          blocks, zero point 8, per-block scale = the layer's step).
+          blocks, zero point 8, per-block scale = the layer's step). ``kernels="ort"``: 8-bit
+          Linear layers become com.microsoft MatMulIntegerToFloat(QuantizeLinear(x), W_int, bias)
+          directly (bias fused; onnxruntime only), instead of the DQ -> MatMul -> Add it rebuilds.
   LSQ+ offsets fold into the bias (Linear, unpadded Conv) or are added back after DQ (padded Conv).
 Quantizers whose codes are not an affine grid (decode != (codes + q_n) * s) export float weights.
 onnxruntime fuses these patterns into integer kernels (MatMulIntegerToFloat, QLinearConv, QGemm);
@@ -38,17 +41,29 @@ def _const(value, dtype):
     return torch.tensor(value, dtype=dtype)
 
 
+def _zero_point(q_n: int, q_p: int) -> int:
+    if not (-255 <= q_n <= 0 <= q_p and q_p - q_n <= 255):
+        raise ConfigError(f"activation levels [{q_n}, {q_p}] do not fit uint8 with a zero point")
+    return -q_n
+
+
+def act_quant(x, scale, q_n: int, q_p: int):
+    """uint8 codes clamp(round(x / s), q_n, q_p) - q_n: QuantizeLinear(s, -q_n) [-> Clip]."""
+    z = _zero_point(q_n, q_p)
+    q = _sym("QuantizeLinear", (x, scale, _const(z, torch.uint8)), x, dtype=torch.uint8)
+    if q_p - q_n != 255:
+        q = _sym("Clip", (q, _const(0, torch.uint8), _const(q_p - q_n, torch.uint8)), q)
+    return q, z
+
+
 def act_qdq(x, scale, q_n: int, q_p: int, exact: bool = False):
     """clamp(round(x / s), q_n, q_p) * s; in ONNX: QuantizeLinear [-> Clip] -> DequantizeLinear
-    on uint8 (signed levels use zero point 128: the u8 x s8 kernels onnxruntime runs fastest).
+    on uint8 with zero point -q_n (the u8 x s8 kernels onnxruntime runs fastest).
     ``exact``: dequantize with Cast/Sub/Mul instead, so onnxruntime keeps float kernels."""
     if not torch.onnx.is_in_onnx_export():
         return torch.clamp(torch.round(x / scale), q_n, q_p) * scale
-    z = 128 if q_n < 0 else 0
+    q, z = act_quant(x, scale, q_n, q_p)
     zp = _const(z, torch.uint8)
-    q = _sym("QuantizeLinear", (x, scale, zp), x, dtype=torch.uint8)
-    if (q_n + z, q_p + z) != (0, 255):
-        q = _sym("Clip", (q, _const(q_n + z, torch.uint8), _const(q_p + z, torch.uint8)), q)
     if exact:
         f = _sym("Cast", (q,), x, dtype=scale.dtype, to=1)
         return _sym("Mul", (_sym("Sub", (f, _const(float(z), scale.dtype)), f), scale), f)
@@ -73,6 +88,15 @@ def weight_dq(w_int, scale, axis: int, exact: bool = False):
         return w_int.to(scale.dtype) * scale.reshape(shape)
     zp = torch.zeros(scale.shape[0], dtype=w_int.dtype)
     return _sym("DequantizeLinear", (w_int, scale, zp), w_int, dtype=scale.dtype, axis=axis)
+
+
+def matmul_int_to_float(q, zp: int, a_scale, w_int_t, w_scale, bias, like):
+    """com.microsoft MatMulIntegerToFloat: (q - zp) @ W_int^T * (s_a * s_w) + bias, with q the
+    uint8 codes of ``act_quant`` and ``w_int_t`` the int8 levels as [in, out]."""
+    return torch.onnx.ops.symbolic(
+        "com.microsoft::MatMulIntegerToFloat",
+        (q, w_int_t, a_scale, w_scale, _const(zp, torch.uint8), None, bias), None,
+        dtype=like.dtype, shape=(*like.shape[:-1], w_int_t.shape[1]), version=1)
 
 
 def matmul_nbits(x, packed, scales, w_hat, k: int, n: int, block: int, accuracy: int = 0):
@@ -102,6 +126,10 @@ class _Act(nn.Module):
         y = act_qdq(u, self.scale, self.q_n, self.q_p, self.exact)
         return y + self.offset if self.offset is not None and add_offset else y
 
+    def codes(self, x):
+        """(uint8 codes, zero point) of the folded input, for integer-kernel nodes (export only)."""
+        return act_quant(x - self.offset if self.offset is not None else x, self.scale, self.q_n, self.q_p)
+
 
 def _affine_levels(wq, w_in):
     """(integer levels int8/uint8, scale) when the weight quantizer is an affine grid, else None."""
@@ -125,14 +153,14 @@ def _affine_levels(wq, w_in):
 class _QLayer(nn.Module):
     """Export stand-in for a quantized Linear / Conv1d / Conv2d / Embedding."""
 
-    def __init__(self, m, wq, aq, nbits_block=0, nbits_accuracy=0, exact=False):
+    def __init__(self, m, wq, aq, nbits_block=0, nbits_accuracy=0, exact=False, kernels="qdq", act=None):
         super().__init__()
         self.kind = layer_kind(m)
         if self.kind not in ("Linear", "Conv1d", "Conv2d", "Embedding"):
             raise ConfigError(f"export_onnx: cannot export a quantized {type(m).__name__}")
         self.conv_args = ((m.stride, m.padding, m.dilation, m.groups) if self.kind.startswith("Conv")
                           else m.padding_idx if self.kind == "Embedding" else None)
-        self.act = _Act(aq, exact) if aq is not None else None
+        self.act = act if act is not None else _Act(aq, exact) if aq is not None else None
         self.exact = exact
         w_hat = m.weight.detach()
         bias = m.bias.detach().clone() if getattr(m, "bias", None) is not None else None
@@ -169,6 +197,8 @@ class _QLayer(nn.Module):
             self.axis = 1 if self.kind == "Linear" else 0
             self.register_buffer("w_int", levels.t().contiguous() if self.kind == "Linear" else levels)
             self.register_buffer("w_scale", scale if scale.numel() > 1 else scale.reshape(()))
+            self.fused = (kernels == "ort" and self.kind == "Linear" and self.act is not None
+                          and levels.dtype == torch.int8 and not exact)
         else:
             self.register_buffer("w_int", None)
             self.register_buffer("w_float", (w_hat.t().contiguous() if self.kind == "Linear" else w_hat).clone())
@@ -186,6 +216,10 @@ class _QLayer(nn.Module):
             if self.w_int is not None:
                 return weight_dq(F.embedding(x, self.w_int), self.w_scale, 0, self.exact)
             return F.embedding(x, self.w_float, self.conv_args)
+        if getattr(self, "fused", False) and torch.onnx.is_in_onnx_export():
+            q, zp = self.act.codes(x)
+            bias = self.bias if self.bias is not None else torch.zeros(self.w_int.shape[1])
+            return matmul_int_to_float(q, zp, self.act.scale, self.w_int, self.w_scale, bias, x)
         if self.act is not None:
             x = self.act(x, add_offset=not self.fold)
         if self.nbits is not None:
@@ -216,7 +250,8 @@ def _dynamic_batch(example_inputs):
 @torch.no_grad()
 def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, output_names=None,
                 dynamic_shapes="batch", matmul_nbits: int = 0, nbits_accuracy: int = 0,
-                exact: bool = False, opset: int | None = None, check: bool = True) -> Path:
+                exact: bool = False, kernels: str = "qdq", opset: int | None = None,
+                check: bool = True) -> Path:
     """Export a quantized model (fake-quant, or ``load_packed(..., runtime="fakequant")``) to ONNX
     with torch's dynamo exporter (``opset`` None: the exporter's default, 20 in torch 2.13).
 
@@ -226,7 +261,13 @@ def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, out
     MatMulNBits for Linear weights with levels in [-8, 7]; 0 keeps QDQ. ``nbits_accuracy``: its
     accuracy_level (0: float compute, exact; 4: int8 compute, faster, inexact). ``exact``: keep
     onnxruntime on float kernels (its integer fusions round biases to int32 and requantize, which
-    can flip a code); outputs then match PyTorch to float rounding. The model is unchanged."""
+    can flip a code); outputs then match PyTorch to float rounding. ``kernels``: "qdq" (standard
+    ONNX, any runtime) or "ort" (8-bit Linear layers as onnxruntime's MatMulIntegerToFloat with
+    the bias fused; GEMMs on one shared input are then concatenated into one, see onnx_fuse.py).
+    Layers that share one input quantizer object (``share_input_quantizers``) share its
+    QuantizeLinear node. The model is unchanged."""
+    if kernels not in ("qdq", "ort"):
+        raise ConfigError(f"kernels must be 'qdq' or 'ort', got {kernels!r}")
     if matmul_nbits and (matmul_nbits < 16 or matmul_nbits & (matmul_nbits - 1)):
         raise ConfigError(f"matmul_nbits block size must be a power of two >= 16, got {matmul_nbits}")
     layers = [(n, m, wq, aq) for n, m, wq, aq in quantized_layers(model)]
@@ -247,8 +288,11 @@ def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, out
     model.eval()
     swapped = []
     try:
+        acts = {}   # one export module per input quantizer object: shared quantizers, one node
         for n, m, wq, aq in layers:
-            swapped.append((n, _swap(model, n, _QLayer(m, wq, aq, matmul_nbits, nbits_accuracy, exact))))
+            act = acts.setdefault(id(aq), _Act(aq, exact)) if aq is not None else None
+            swapped.append((n, _swap(model, n, _QLayer(m, wq, aq, matmul_nbits, nbits_accuracy, exact,
+                                                       kernels, act))))
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(model, example_inputs, str(path), kwargs=kwargs or None, dynamo=True,
@@ -260,6 +304,12 @@ def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, out
             _swap(model, n, old)
         for m, mode in modes.items():
             m.training = mode
+    if kernels == "ort":
+        import onnx
+        from .onnx_fuse import fuse_parallel_matmuls
+        proto = onnx.load(str(path))
+        if fuse_parallel_matmuls(proto):
+            onnx.save(proto, str(path))
     if check:
         import onnx
         onnx.checker.check_model(str(path))

@@ -1,8 +1,9 @@
 """``save_packed`` / ``load_packed``: the deployable slimtorch file (container.py holds the bytes).
 
-Format text (JSON in the safetensors metadata, key "slimtorch.packed"):
+Format text (JSON in the safetensors metadata, key "slimtorch.packed", stored zlib-compressed and
+base64-encoded by container.py):
 
-    format "slimtorch.packed", version 1, model (class name, informational), build (optional:
+    format "slimtorch.packed", version 2, model (class name, informational), build (optional:
     how to rebuild the float architecture, see modelspec.py)
     quantizers  [{"spec": Quantizer.spec(), "buffers": {non-float buffers that differ from a
                 freshly built quantizer}}, ...], deduplicated, referenced by index
@@ -16,13 +17,19 @@ Format text (JSON in the safetensors metadata, key "slimtorch.packed"):
               "codebook": <name>.codebook [k, d] F32 + <name>.w_codes = indices packed at
                           ceil(log2 k) bits;  "masked": <name>.mask = 1-bit bitmap + codes of the
                           kept weights only.
-        tensor <name>.params (F32): bias, then the weight quantizer's float state, then the input
-        quantizer's, each in state_dict order with the shapes the rebuilt quantizers have.
+    params      (tensor, F32) per layer in ``layers`` order: its bias, then the weight quantizer's
+                float state, then the input quantizer's, each in state_dict order with the shapes
+                the rebuilt quantizers have (so the per-layer lengths follow from the header)
     state       {dtype: [[key, shape], ...]} the rest of model.state_dict() (norms, float layers,
                 buffers), concatenated per dtype into tensor state.<dtype>
-    costs       [[name, kind, params, w_bits, a_bits, theoretical bytes], ...] (search/budget.py)
-    theory      {bytes, fp32_bytes}: theoretical totals of ``model_costs``
-    crc32       per-tensor CRC32s (container.py; the SHA-256 digests sit next to this text)"""
+    costs       per quantizable layer in module order (search/budget.py): [name, bytes, a_bits] for
+                a layer in ``layers`` (kind, params and w_bits follow from its entry), [name, bytes,
+                kind, params] for a float layer (in the state)
+    theory      {bytes, fp32_bytes, params}: theoretical totals of ``model_costs``
+    crc32       per-tensor CRC32s (container.py; the SHA-256 digests sit next to this text)
+
+Version 1 (read, not written) stored the text as plain JSON, one <name>.params tensor per layer
+and full cost rows [name, kind, params, w_bits, a_bits, bytes]."""
 from __future__ import annotations
 
 import math
@@ -38,7 +45,8 @@ from ..search.budget import layer_kind, model_costs
 from .bitpack import pack_tensor, packed_size, unpack_tensor
 from .container import DTYPES, TORCH_DTYPES, read_container, write_container
 
-FORMAT, VERSION = "slimtorch.packed", 1
+FORMAT, VERSION = "slimtorch.packed", 2
+READ_VERSIONS = (1, 2)
 KINDS = ("codes", "float")
 RUNTIMES = ("float", "fakequant", "int8")
 
@@ -79,7 +87,7 @@ def _layer_keys(name: str, sd_keys) -> set:
 
 def _f32(t: torch.Tensor, what: str) -> torch.Tensor:
     if t.dtype != torch.float32:
-        raise ConfigError(f"{what} is {t.dtype}: packed format version 1 stores float32 parameters")
+        raise ConfigError(f"{what} is {t.dtype}: the packed format stores float32 parameters")
     return t.detach().reshape(-1)
 
 
@@ -94,7 +102,7 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
     if build == "auto":
         from .modelspec import build_spec
         build = build_spec(model)
-    table, layers, tensors, taken = [], [], {}, set()
+    table, layers, tensors, pooled, taken = [], [], {}, [], set()
     sd = model.state_dict()
 
     def index_of(q: Quantizer, what: str) -> int:
@@ -114,7 +122,7 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
             others = [type(t).__name__ for t in weight_transforms(m) if t is not wq]
             if others:
                 raise ConfigError(f"layer {name!r}: weight transforms {others} are not supported by "
-                                  "packed format version 1")
+                                  f"packed format version {VERSION}")
             codes = wq.encode(_quantizer_input(m, wq))
             entry.update(kind="codes", bits=wq.bits, wq=index_of(wq, name))
             rebuilt = _rebuild(table[entry["wq"]], name).to(w.device)
@@ -136,10 +144,11 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
             entry["aq"] = index_of(aq, name)
             params += [_f32(v, f"{name} input quantizer {k}") for k, v in aq.state_dict().items()
                        if v.is_floating_point()]
-        if params:
-            tensors[f"{name}.params"] = torch.cat(params)
+        pooled += params
         layers.append(entry)
         taken |= _layer_keys(name, sd)
+    if pooled:
+        tensors["params"] = torch.cat(pooled)
     state: dict = {}
     for k in sd:
         if k not in taken:
@@ -149,11 +158,13 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
     for code, keys in state.items():
         tensors[f"state.{code}"] = torch.cat([sd[k].detach().reshape(-1) for k, _ in keys])
     costs = model_costs(model)
+    names = {e["name"] for e in layers}
     meta = {"format": FORMAT, "version": VERSION, "model": type(model).__name__,
             **({"build": build} if build else {}), "quantizers": table, "layers": layers,
             "state": state,
-            "costs": [[r.name, r.kind, r.params, r.w_bits, r.a_bits, r.bytes] for r in costs["layers"]],
-            "theory": {"bytes": costs["bytes"], "fp32_bytes": costs["fp32_bytes"]}}
+            "costs": [[r.name, r.bytes, r.a_bits] if r.name in names else [r.name, r.bytes, r.kind, r.params]
+                      for r in costs["layers"]],
+            "theory": {"bytes": costs["bytes"], "fp32_bytes": costs["fp32_bytes"], "params": costs["params"]}}
     size = write_container(path, tensors, meta)
     return {"path": str(path), "file_bytes": size, "theoretical_bytes": costs["bytes"],
             "fp32_bytes": costs["fp32_bytes"]}
@@ -197,6 +208,9 @@ def read_packed(path) -> tuple[dict, dict, dict]:
             if e.get(key) is not None and not (isinstance(e[key], int) and 0 <= e[key] < len(table)):
                 raise CheckpointError(f"{path}: layer {name!r} refers to quantizer {e[key]!r}, "
                                       f"the header lists {len(table)}")
+        nb = e.get("bias", 0)
+        if isinstance(nb, bool) or not isinstance(nb, int) or nb < 0:
+            raise CheckpointError(f"{path}: layer {name!r} has bias={nb!r}, expected a count")
         n = math.prod(e.get("shape") or [0])
         if e["kind"] == "codes":
             c = need(f"{name}.w_codes", name)
@@ -209,8 +223,19 @@ def read_packed(path) -> tuple[dict, dict, dict]:
         elif list(need(f"{name}.weight", name).shape) != e["shape"]:
             raise CheckpointError(f"{path}: layer {name!r} weight shape {list(tensors[name + '.weight'].shape)} "
                                   f"does not match the header's {e['shape']}")
-        if e.get("bias") or e.get("wq") is not None or e.get("aq") is not None:
+        if meta["version"] == 1 and (e.get("bias") or e.get("wq") is not None or e.get("aq") is not None):
             need(f"{name}.params", name)
+    if meta["version"] >= 2:       # one pooled params tensor, split by what each layer's entry needs
+        per_q = [sum(math.prod(s) for _, s in _float_keys(_rebuild(q, f"quantizer {i}")))
+                 for i, q in enumerate(table)]
+        sizes = [e.get("bias", 0) + sum(per_q[e[k]] for k in ("wq", "aq") if e.get(k) is not None)
+                 for e in layers]
+        if sum(sizes) or "params" in tensors:
+            blob = need("params", "layers")
+            if blob.dtype != torch.float32:
+                raise CheckpointError(f"{path}: tensor params has dtype {blob.dtype}, expected float32")
+            parts = _split(blob.reshape(-1), [(n,) for n in sizes], "params", path)
+            tensors.update({f"{e['name']}.params": t for e, t in zip(layers, parts) if t.numel()})
     for code, keys in state.items():
         if code not in TORCH_DTYPES:
             raise CheckpointError(f"{path}: state dtype {code!r} is unknown")
@@ -220,6 +245,23 @@ def read_packed(path) -> tuple[dict, dict, dict]:
         parts = _split(blob.reshape(-1), [tuple(s) for _, s in keys], f"state.{code}", path)
         tensors.update({k: t for (k, _), t in zip(keys, parts)})
     return meta, tensors, index
+
+
+def cost_rows(meta: dict) -> list:
+    """[name, kind, params, w_bits, a_bits, theoretical bytes] per quantizable layer, module order
+    (version 2 stores only what the layer entries do not say)."""
+    if meta["version"] == 1:
+        return [list(r) for r in meta["costs"]]
+    layers = {e["name"]: e for e in meta["layers"]}
+    out = []
+    try:
+        for r in meta["costs"]:
+            e = layers.get(r[0])
+            out.append([r[0], e["module"], math.prod(e["shape"]) + e.get("bias", 0), e["bits"], r[2], r[1]]
+                       if e is not None else [r[0], r[2], r[3], 32, None, r[1]])
+    except (KeyError, IndexError, TypeError):
+        raise CheckpointError("packed file header: malformed costs section") from None
+    return out
 
 
 def _decode_layer(e, m, table, tensors, path):

@@ -3,7 +3,8 @@ from .api import calibrate, quantize_, quantized_layers, weight_quantizer
 from .configs import LSQ, LSQPlus, QuantConfig
 from .fake_quant import dequantize, fake_quant, qrange, quantize_int, round_ste
 from .quantizer import LSQQuantizer, Quantizer, build_quantizer, register_quantizer
+from .share import share_input_quantizers
 
-__all__ = ["calibrate", "quantize_", "quantized_layers", "weight_quantizer", "LSQ", "LSQPlus",
+__all__ = ["calibrate", "share_input_quantizers", "quantize_", "quantized_layers", "weight_quantizer", "LSQ", "LSQPlus",
            "QuantConfig", "dequantize", "fake_quant", "qrange", "quantize_int", "round_ste",
            "LSQQuantizer", "Quantizer", "build_quantizer", "register_quantizer"]

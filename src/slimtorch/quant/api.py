@@ -84,7 +84,8 @@ def _apply_lsq(model, cfg: LSQ, layers, bits):
         if a_bits is not None and not isinstance(m, nn.Embedding):
             aq = LSQQuantizer(a_bits, "activation", signed=signed,
                               learn_offset=cfg.activations == "offset", init=cfg.a_init,
-                              use_grad_scale=cfg.grad_scale).to(m.weight.device)
+                              use_grad_scale=cfg.grad_scale,
+                              integer_offset=cfg.integer_offset).to(m.weight.device)
             set_input_quantizer(m, aq)
 
 
@@ -106,7 +107,7 @@ def calibrate(model: nn.Module, forward_loop: Callable | Iterable, num_batches: 
     """Run ``forward_loop(model)`` (or iterate a loader of batches, first ``num_batches``) with every
     activation quantizer observing (float pass-through), then initialise each from what it saw.
     Returns the number of quantizers initialised. The model's train/eval mode is restored."""
-    acts = [aq for *_, aq in quantized_layers(model) if aq is not None]
+    acts = list({id(aq): aq for *_, aq in quantized_layers(model) if aq is not None}.values())
     if reinit_weights:
         for _, m, wq, _ in quantized_layers(model):
             if wq is not None:

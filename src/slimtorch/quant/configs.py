@@ -35,16 +35,22 @@ class QuantConfig:
 @dataclass(frozen=True)
 class LSQ(QuantConfig):
     """LSQ: learned step sizes; signed symmetric weights; activations signed or unsigned
-    ("auto" decides from calibration data). Init s = 2<|v|>/sqrt(Q_P) unless overridden."""
+    ("auto" decides from calibration data). Init s = 2<|v|>/sqrt(Q_P) unless overridden.
+    integer_offset (with activations="offset"): round the learned offset to a whole number of
+    steps (an integer zero point), the grid integer kernels run without a float subtraction."""
     activations: str = "auto"
     w_init: str = "lsq"
     a_init: str = "lsq"
     grad_scale: bool = True
+    integer_offset: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         if self.activations not in ACT_MODES:
             raise ConfigError(f"activations={self.activations!r}; expected one of {ACT_MODES}")
+        if self.integer_offset and self.activations != "offset":
+            raise ConfigError(f"integer_offset=True needs activations='offset' (LSQ+), got "
+                              f"activations={self.activations!r}")
         for name in ("w_init", "a_init"):
             if getattr(self, name) not in INITS:
                 raise ConfigError(f"{name}={getattr(self, name)!r}; expected one of {INITS}")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .fake_quant import dequantize, fake_quant, qrange, quantize_int
+from .fake_quant import dequantize, fake_quant, grad_scale, qrange, quantize_int
 from .init import EPS, lsq_init, minmax_init, mse_init, three_sigma_init
 
 INITS = ("lsq", "3sigma", "mse", "minmax")
@@ -120,27 +120,37 @@ class LSQQuantizer(Quantizer):
     (LSQ+ Eq. 2). ``scale_shape`` selects per-tensor (all ones) or per-channel (C, 1, ...) steps.
     The gradient scale is g = 1 / sqrt(N * Q_P) with N the elements per step size: for weights the
     elements of the tensor (or channel); for activations the features of one sample (LSQ's N_F,
-    batch dimension excluded, so g does not depend on the batch size)."""
+    batch dimension excluded, so g does not depend on the batch size).
+
+    ``integer_offset`` (LSQ+ only) rounds beta to a whole number of steps in the forward pass,
+    z = round(beta / s) clamped so that 0 stays on the grid, i.e. levels [q_n + z, q_p + z] of
+    x_bar = round(x / s): the asymmetric integer-zero-point grid that integer kernels run
+    (onnxruntime QuantizeLinear zero point -(q_n + z)), with no float offset to subtract.
+    beta still learns, through a straight-through estimator on the rounding (LSQ+ Eq. 5)."""
 
     def __init__(self, bits: int, role: str = "weight", *, signed: bool | None = True,
                  learn_offset: bool = False, scale_shape=(1,), init: str = "lsq",
-                 narrow: bool = False, use_grad_scale: bool = True):
+                 narrow: bool = False, use_grad_scale: bool = True, integer_offset: bool = False):
         super().__init__()
         check_bits(bits, f"{role} bits", 1 if role == "weight" else 2)
         if role not in ("weight", "activation"):
             raise ConfigError(f"role must be 'weight' or 'activation', got {role!r}")
         if init not in INITS:
             raise ConfigError(f"unknown init {init!r}; expected one of {INITS}")
+        if integer_offset and not learn_offset:
+            raise ConfigError("integer_offset=True needs learn_offset=True (an LSQ+ offset to round)")
         if learn_offset:
             signed = False
         if signed and bits < 2:
             raise ConfigError(f"{role} bits={bits}: a signed quantizer needs at least 2 bits "
                               "(1 bit has no positive level)")
         self.role, self.init, self.narrow, self.learn_offset = role, init, narrow, learn_offset
-        self.use_grad_scale = use_grad_scale
+        self.use_grad_scale, self.integer_offset = use_grad_scale, integer_offset
         self._spec = {"type": type(self).__name__, "bits": bits, "role": role, "signed": signed,
                       "learn_offset": learn_offset, "scale_shape": list(scale_shape), "init": init,
                       "narrow": narrow, "use_grad_scale": use_grad_scale}
+        if integer_offset:   # only when set, so earlier packed files keep their exact spec
+            self._spec["integer_offset"] = True
         self.scale = nn.Parameter(torch.ones(tuple(scale_shape)))
         self.offset = nn.Parameter(torch.zeros(tuple(scale_shape))) if learn_offset else None
         self.register_buffer("_bits", torch.tensor(bits, dtype=torch.int64))
@@ -166,7 +176,7 @@ class LSQQuantizer(Quantizer):
         self._sync()
 
     def extra_repr(self):
-        kind = "lsq+" if self.learn_offset else "lsq"
+        kind = ("lsq+ integer zero point" if self.integer_offset else "lsq+") if self.learn_offset else "lsq"
         per = "per-tensor" if self.scale.numel() == 1 else f"per-channel({self.scale.numel()})"
         return f"{kind}, {self.role}, bits={self._b}, signed={self._sgn}, {per}, init={self.init}"
 
@@ -211,7 +221,16 @@ class LSQQuantizer(Quantizer):
         if self.role == "activation" and x.dim() > 1:
             n /= x.shape[0]
         g = 1.0 / math.sqrt(max(n, 1.0) * self.q_p) if self.use_grad_scale else 1.0
-        return fake_quant(x, self.scale.clamp_min(EPS), self.q_n, self.q_p, self.offset, g)
+        s = self.scale.clamp_min(EPS)
+        if self.integer_offset:
+            ratio = grad_scale(self.offset, g) / grad_scale(s, g)
+            z = self._zero_shift(s.detach()) + (ratio - ratio.detach())   # exact value, STE grad
+            return fake_quant(x, s, self.q_n + z, self.q_p + z, None, g)
+        return fake_quant(x, s, self.q_n, self.q_p, self.offset, g)
+
+    def _zero_shift(self, s: torch.Tensor) -> torch.Tensor:
+        """z = round(beta / s), clamped to [-q_p, -q_n] so that 0 is a grid point."""
+        return torch.round(self.offset.detach() / s).clamp(-self.q_p, -self.q_n)
 
     @torch.no_grad()
     def _observe(self, x, keep=1 << 14):
@@ -237,6 +256,10 @@ class LSQQuantizer(Quantizer):
         if self._sgn is None:
             raise ConfigError("activation quantizer is not initialised yet: run slimtorch.calibrate "
                               "or one forward pass first")
-        return {"scale": self.scale.detach().clamp_min(EPS),
-                "offset": None if self.offset is None else self.offset.detach(),
+        s = self.scale.detach().clamp_min(EPS)
+        if self.integer_offset:
+            z = self._zero_shift(s)
+            z = int(z) if z.numel() == 1 else z
+            return {"scale": s, "offset": None, "q_n": self.q_n + z, "q_p": self.q_p + z}
+        return {"scale": s, "offset": None if self.offset is None else self.offset.detach(),
                 "q_n": self.q_n, "q_p": self.q_p}

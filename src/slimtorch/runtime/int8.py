@@ -1,6 +1,6 @@
 """Int8 GEMM runtime for Linear layers of a loaded packed model (``load_packed(runtime="int8")``).
 
-    q   = clamp(round((x - beta) / s_a), q_n, q_p) - shift      (shift = 128 for unsigned 8-bit)
+    q   = clamp(round((x - beta) / s_a), q_n, q_p) - shift      (shift moves [q_n, q_p] into int8)
     acc = q @ W_int^T  (int32, torch._int_mm: oneDNN VNNI/AMX kernels on x86)
     y   = (acc + shift * colsum(W_int)) * (s_a * s_w) + (b + beta * s_w * colsum(W_int))
 
@@ -22,7 +22,8 @@ class Int8Linear(nn.Module):
                  a_offset: float | None, q_n: int, q_p: int):
         super().__init__()
         self.out_features, self.in_features = w_levels.shape
-        self.shift = 128 if q_p > 127 else 0
+        # levels [q_n, q_p] (any integer zero point) shifted into int8's [-128, 127]
+        self.shift = 0 if q_n >= -128 and q_p <= 127 else q_n + 128
         self.q_n, self.q_p, self.a_scale = q_n, q_p, a_scale
         self.a_offset = a_offset
         w = w_levels.to(torch.int8).contiguous()

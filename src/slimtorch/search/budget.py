@@ -1,9 +1,16 @@
 """Costs in one place: bytes of each layer as the packed file stores it, model totals, FP32 size.
 
 A quantized layer stores its weight bit-packed at ``w_bits`` (ceil(numel * bits / 8) bytes), its
-bias and every quantizer parameter (steps, offsets) as float32. Parameters outside quantized layers
-(norms, float layers) count 4 bytes each. FP32 size = 4 bytes x every float parameter of the model,
-quantizer parameters excluded. The report, penalties, searches and the exporter all use these."""
+bias and every quantizer parameter (steps, offsets) as float32 (``layer_cost``). The model total
+(``model_costs``) adds everything else the packed file must carry: parameters outside quantized
+layers (norms, float layers) and every persistent buffer that does not belong to a quantizer
+(BatchNorm running_mean / running_var / num_batches_tracked, or any registered buffer), each at its
+stored width (element_size: 4 B for float32, 8 B for int64). Quantizer buffers (bits, signedness)
+are configuration the file keeps in its header, not tensors, and are not counted; neither are
+non-persistent buffers. Shared tensors count once. FP32 size = 4 bytes x every float parameter
+(quantizer parameters excluded) + the same buffers (a float checkpoint stores them too). The report,
+penalties, searches and the exporter all use these; the per-layer costs (HAWQ's per-layer options,
+Uhlich's Eq. 8a weight size) count quantizable layers only."""
 from __future__ import annotations
 
 import math
@@ -66,8 +73,27 @@ def layer_costs(model: nn.Module) -> list[LayerCost]:
     return [layer_cost(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
 
 
+def state_buffers(model: nn.Module) -> list:
+    """[(name, tensor)] of the persistent buffers outside quantizers, each tensor once: what the
+    packed file stores besides the layers and parameters (BatchNorm statistics and the like)."""
+    quant = [n for n, m in model.named_modules() if isinstance(m, Quantizer)]
+    out, seen = [], set()
+    for mod_name, m in model.named_modules():
+        if any(mod_name == q or mod_name.startswith(q + ".") for q in quant):
+            continue
+        for b_name, b in m._buffers.items():
+            if b is None or b_name in m._non_persistent_buffers_set or id(b) in seen:
+                continue
+            seen.add(id(b))
+            out.append((f"{mod_name}.{b_name}" if mod_name else b_name, b))
+    return out
+
+
 def model_costs(model: nn.Module) -> dict:
-    """Per-layer costs and totals: bytes, fp32_bytes, compression ratio, other float params."""
+    """Per-layer costs and totals. ``bytes`` = sum of the layer bytes + ``other_param_bytes`` (float
+    parameters outside quantizable layers, at their width) + ``buffer_bytes`` (``state_buffers`` at
+    their width): what an ideal file of this model must store. Also ``fp32_bytes``, ``compression``
+    (fp32 / bytes), ``other_params`` and ``buffers`` (element counts)."""
     rows = layer_costs(model)
     counted = set()
     for n, m in model.named_modules():
@@ -75,7 +101,7 @@ def model_costs(model: nn.Module) -> dict:
             counted.add(id(raw_weight(m)))
             if getattr(m, "bias", None) is not None:
                 counted.add(id(m.bias))
-    float_params, other = 0, 0
+    float_params, other, other_bytes = 0, 0, 0
     seen = set()
     for name, p in model.named_parameters():
         if id(p) in seen or _is_quantizer_param(name, model):
@@ -84,9 +110,14 @@ def model_costs(model: nn.Module) -> dict:
         float_params += p.numel()
         if id(p) not in counted:
             other += p.numel()
-    total = sum(r.bytes for r in rows) + 4 * other
-    fp32 = 4 * float_params
-    return {"layers": rows, "bytes": total, "fp32_bytes": fp32, "other_params": other,
+            other_bytes += p.numel() * p.element_size()
+    bufs = [b for _, b in state_buffers(model)]
+    buf_bytes = sum(b.numel() * b.element_size() for b in bufs)
+    total = sum(r.bytes for r in rows) + other_bytes + buf_bytes
+    fp32 = 4 * float_params + buf_bytes
+    return {"layers": rows, "bytes": total, "fp32_bytes": fp32, "params": float_params,
+            "other_params": other, "other_param_bytes": other_bytes,
+            "buffers": sum(b.numel() for b in bufs), "buffer_bytes": buf_bytes,
             "compression": fp32 / total if total else float("inf")}
 
 

@@ -1,0 +1,105 @@
+"""Integer zero points, shared input quantizers and onnxruntime-specific integer kernels
+(kernels="ort": MatMulIntegerToFloat with fused bias; parallel GEMMs on one input concatenated)."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import slimtorch as st
+from slimtorch.errors import ConfigError
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from slimtorch.export.onnx_export import export_onnx, ort_session  # noqa: E402
+
+
+class Heads(nn.Module):
+    """Three projections of one tensor (as Q/K/V), a GELU MLP and a head."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d, bias=False), nn.Linear(d, 8)
+        self.up, self.out = nn.Linear(d, 32), nn.Linear(32 + 8, 4)
+
+    def forward(self, x):
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1) @ x
+        h = torch.nn.functional.gelu(self.up(a))
+        return self.out(torch.cat([h, self.v(x)], -1))
+
+
+def _model(cfg, share):
+    torch.manual_seed(0)
+    m = Heads()
+    st.quantize_(m, cfg)
+    x = torch.randn(8, 5, 16)
+    groups = st.share_input_quantizers(m, lambda mm: mm(x)) if share else []
+    st.calibrate(m, [x])
+    return m.eval(), x, groups
+
+
+def _ops(path):
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_share_input_quantizers_groups_and_calibrates_once():
+    m, x, groups = _model(st.LSQPlus(w_bits=8, a_bits=8), share=True)
+    assert groups == [["q", "k", "v"]]
+    assert m.q.input_quantizer is m.k.input_quantizer is m.v.input_quantizer
+    assert m.up.input_quantizer is not m.q.input_quantizer
+    assert m.q.input_quantizer.initialized
+    with pytest.raises(ConfigError, match="no layer has an input quantizer"):
+        st.share_input_quantizers(nn.Sequential(nn.Linear(2, 2)), lambda mm: mm(torch.randn(1, 2)))
+
+
+def test_share_skips_groups_with_different_bits():
+    torch.manual_seed(0)
+    m = Heads()
+    st.quantize_(m, st.LSQ(w_bits=8, a_bits=8), plan={"k": {"a_bits": 4}})
+    assert st.share_input_quantizers(m, lambda mm: mm(torch.randn(2, 5, 16))) == []
+    assert not m.q.input_quantizer.initialized     # probing does not initialise anything
+
+
+@pytest.mark.parametrize("kernels", ["qdq", "ort"])
+def test_integer_zero_point_export_has_no_offset_arithmetic(kernels, tmp_path):
+    m, x, _ = _model(st.LSQPlus(w_bits=8, a_bits=8, integer_offset=True, weights="per_channel"), share=True)
+    path = export_onnx(m, tmp_path / "m.onnx", (x[:2],), input_names=["x"], kernels=kernels)
+    ops = _ops(path)
+    assert "Sub" not in ops and ops.count("QuantizeLinear") == 3     # x (q/k/v share it), a, cat
+    with torch.no_grad():
+        want = m(x).numpy()
+    got = ort_session(path, optimization="none" if kernels == "qdq" else "all").run(None, {"x": x.numpy()})[0]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    if kernels == "ort":
+        assert ops.count("MatMulIntegerToFloat") == 3 and "Split" in ops   # q|k|v -> one GEMM
+        assert "DequantizeLinear" not in ops
+
+
+def test_ort_kernels_equal_qdq_kernels_in_onnxruntime(tmp_path):
+    m, x, _ = _model(st.LSQPlus(w_bits=4, a_bits=8), share=False)      # float offsets folded
+    a = export_onnx(m, tmp_path / "a.onnx", (x[:2],), input_names=["x"])
+    b = export_onnx(m, tmp_path / "b.onnx", (x[:2],), input_names=["x"], kernels="ort")
+    ra = ort_session(a).run(None, {"x": x.numpy()})[0]
+    rb = ort_session(b).run(None, {"x": x.numpy()})[0]
+    assert np.abs(ra - rb).max() <= 1e-5 * np.abs(ra).max()
+    with pytest.raises(ConfigError, match="kernels"):
+        export_onnx(m, tmp_path / "c.onnx", (x[:2],), kernels="tensorrt")
+
+
+def test_fused_parallel_gemm_is_identical(tmp_path):
+    from slimtorch.export.onnx_fuse import fuse_parallel_matmuls
+    m, x, _ = _model(st.LSQ(w_bits=8, a_bits=8), share=True)
+    path = export_onnx(m, tmp_path / "m.onnx", (x[:2],), input_names=["x"], kernels="ort")
+    proto = onnx.load(str(path))
+    assert fuse_parallel_matmuls(proto) == 0                           # already fused, idempotent
+    unfused = tmp_path / "u.onnx"
+    from slimtorch.export import onnx_fuse
+    orig = onnx_fuse.fuse_parallel_matmuls
+    try:
+        onnx_fuse.fuse_parallel_matmuls = lambda p: 0
+        export_onnx(m, unfused, (x[:2],), input_names=["x"], kernels="ort")
+    finally:
+        onnx_fuse.fuse_parallel_matmuls = orig
+    assert "Split" not in _ops(unfused)
+    ra = ort_session(unfused).run(None, {"x": x.numpy()})[0]
+    rb = ort_session(path).run(None, {"x": x.numpy()})[0]
+    assert np.array_equal(ra, rb)
