@@ -138,7 +138,8 @@ def run_minilm(args) -> str:
     E, C, T = enc(ev, 32), enc(cal, 8), enc(train_texts, 8)
     eager = AutoModel.from_pretrained(path).eval()                    # sdpa: PyTorch's fastest
     fm = AutoModel.from_pretrained(path, attn_implementation="eager").eval()   # exports best
-    qcfg = st.LSQPlus(w_bits=8, a_bits=8, weights="per_channel", w_init="minmax", a_init="mse")
+    qcfg = st.LSQPlus(w_bits=8, a_bits=8, weights="per_channel", w_init="minmax", a_init="mse",
+                      integer_offset=True)
     models = {}
     for name, cfg in (("W8A8", qcfg), ("W4A8", st.LSQPlus(w_bits=4, a_bits=8, weights="per_channel",
                                                           w_init="lsq", a_init="mse"))):
@@ -149,6 +150,7 @@ def run_minilm(args) -> str:
             continue
         m = copy.deepcopy(fm)
         st.quantize_(m, cfg, exclude=["*embeddings*", "pooler*"])
+        st.share_input_quantizers(m, lambda mm: mm(**C[0]))      # Q/K/V: one input quantizer
         st.calibrate(m, lambda mm: [mm(**b) for b in C])
         if args.qat_steps:
             distill(m, fm, T, args.qat_steps, args.lr * (5 if name == "W4A8" else 1))
@@ -160,12 +162,13 @@ def run_minilm(args) -> str:
             "dyn": lambda p: ort_dynamic(CACHE / "minilm-fp32.onnx", p, False),
             "dynpc": lambda p: ort_dynamic(CACHE / "minilm-fp32.onnx", p, True),
             "q8": lambda p: export_onnx(HFEncoder(models["W8A8"]), p, ex, dynamic_shapes=dyn),
+            "q8o": lambda p: export_onnx(HFEncoder(models["W8A8"]), p, ex, dynamic_shapes=dyn, kernels="ort"),
             "q8x": lambda p: export_onnx(HFEncoder(models["W8A8"]), p, ex, dynamic_shapes=dyn, exact=True),
             "q4nb": lambda p: export_onnx(HFEncoder(models["W4A8"]), p, ex, dynamic_shapes=dyn, matmul_nbits=128),
             "q4nb4": lambda p: export_onnx(HFEncoder(models["W4A8"]), p, ex, dynamic_shapes=dyn,
                                            matmul_nbits=128, nbits_accuracy=4),
             "q4": lambda p: export_onnx(HFEncoder(models["W4A8"]), p, ex, dynamic_shapes=dyn)}
-    names = {"fp32": "fp32", "dyn": "dyn", "dynpc": "dynpc", "q8": "W8A8", "q8x": "W8A8-exact", "q4nb": "W4A8-nbits",
+    names = {"fp32": "fp32", "dyn": "dyn", "dynpc": "dynpc", "q8": "W8A8", "q8o": "W8A8-ort", "q8x": "W8A8-exact", "q4nb": "W4A8-nbits",
              "q4nb4": "W4A8-nbits-acc4", "q4": "W4A8"}
     onnx = {}
     for k, job in jobs.items():
@@ -177,7 +180,8 @@ def run_minilm(args) -> str:
     int8 = load_packed(CACHE / "minilm-W8A8.slim", runtime="int8")
     labels = {"eager": "PyTorch FP32 eager", "fp32": "onnxruntime FP32",
               "dyn": "onnxruntime dynamic int8, per-tensor", "dynpc": "onnxruntime dynamic int8, per-channel",
-              "q8": "**ours** W8A8 QDQ (static LSQ+ scales), onnxruntime",
+              "q8": "**ours** W8A8 QDQ (static LSQ+ scales, integer zero points), onnxruntime",
+              "q8o": "**ours** W8A8, kernels=\"ort\" (MatMulIntegerToFloat + fused bias, Q/K/V one GEMM)",
               "q8x": "**ours** W8A8, exact export (float kernels), onnxruntime",
               "q4nb": "**ours** W4A8, W4 as MatMulNBits (accuracy_level 0), onnxruntime",
               "q4nb4": "**ours** W4A8, W4 as MatMulNBits (accuracy_level 4: int8 compute), onnxruntime",
@@ -196,7 +200,7 @@ def run_minilm(args) -> str:
         for k in ("W8A8", "W4A8"):
             fid[f"pt-{k}"] = (sentence_emb(pt_run(models[k]), E) * ref).sum(1)
         gaps = {k: float(np.abs(np.asarray(runners[k](E[0])) - pt_run(models[m])(E[0]).numpy()).max())
-                for k, m in (("q8", "W8A8"), ("q8x", "W8A8"), ("q4nb", "W4A8"), ("q4nb4", "W4A8"), ("q4", "W4A8"),
+                for k, m in (("q8", "W8A8"), ("q8o", "W8A8"), ("q8x", "W8A8"), ("q4nb", "W4A8"), ("q4nb4", "W4A8"), ("q4", "W4A8"),
                              ("int8", "W8A8"))}
         lat, loads = {}, [load_avg()]
         for bs, runs in ((1, 10 if args.quick else 30), (32, 2 if args.quick else 5)):
@@ -211,17 +215,21 @@ def run_minilm(args) -> str:
              f"{gaps[k]:.3g}" if k in gaps else ""] for k in runners]
     out = table(["variant", "batch 1 ms min (median)", "batch 32 ms min (median)", "b32 / ORT dyn int8 (min)", "cosine mean", "cosine min",
                  "model file", "max abs diff vs our PyTorch model"], rows)
-    best = min(lat[32][k] for k in ("q8", "q4nb", "q4nb4", "q4"))
+    ok = [k for k in ("q8", "q8o", "q4nb", "q4nb4", "q4") if fid[k].mean() >= 0.995]
+    best = min(ok or ["q8"], key=lambda k: lat[32][k])
     return (f"{n_eval} BBC News articles (every 7th, sorted classes/files), truncated to 128 tokens; "
             f"sequence 128, 2 threads. PyTorch eager uses sdpa attention (its fastest); every ONNX model "
             f"is exported (torch dynamo exporter, opset 20) from the same model with eager attention "
             f"(faster in onnxruntime than the sdpa export). Embeddings and pooler float (not "
-            f"quantized); calibration on 64 other articles{f', then {args.qat_steps} distillation steps (batch 8, Adam lr {args.lr:g}, x5 for W4) on other articles' if args.qat_steps else ' (no QAT)'}. "
+            f"quantized); W8A8 = LSQ+ with integer zero points, per-channel weights, Q/K/V sharing one input "
+            f"quantizer (share_input_quantizers); calibration on 64 other articles{f', then {args.qat_steps} distillation steps (batch 8, Adam lr {args.lr:g}, x5 for W4) on other articles' if args.qat_steps else ' (no QAT)'}. "
             f"Latency: minimum (median) over {args.rounds} interleaved rounds; load average {' -> '.join(loads)}.\n\n{out}\n\n"
             f"PyTorch fake-quant models themselves: W8A8 cosine mean {fid['pt-W8A8'].mean():.4f} min "
             f"{fid['pt-W8A8'].min():.4f}; W4A8 mean {fid['pt-W4A8'].mean():.4f} min {fid['pt-W4A8'].min():.4f}.\n"
             f"Goal (issue 4): cosine >= 0.995 and batch-32 latency <= 0.85 x ORT dynamic int8 "
-            f"({0.85 * float(lat[32]['dyn']):.0f} ms here); best of ours {float(best):.0f} ms.\n")
+            f"({0.85 * float(lat[32]['dyn']):.0f} ms here); fastest of ours at cosine >= 0.995: {labels[best]}, "
+            f"{float(lat[32][best]):.0f} ms = {float(lat[32][best]) / lat[32]['dyn']:.2f} x "
+            f"(**{'met' if ok and float(lat[32][best]) <= 0.85 * float(lat[32]['dyn']) else 'NOT met'}**).\n")
 
 
 def run_probe(args) -> str:
@@ -270,8 +278,9 @@ def run_mnist(args) -> str:
     net.eval()
     x_test, y_test = bundle.test.tensors
     models = {}
-    for name, cfg, epochs in (("W8A8", st.LSQ(w_bits=8, a_bits=8), 0), ("W4A4", st.LSQ(w_bits=4, a_bits=4), 1)):
-        p = CACHE / f"mnist-{name}.slim"
+    for name, cfg, epochs in (("W8A8", st.LSQ(w_bits=8, a_bits=8, bias="int32"), 0),
+                              ("W4A4", st.LSQ(w_bits=4, a_bits=4, bias="int32"), 1)):
+        p = CACHE / f"mnist-{name}-int32bias.slim"
         if not p.exists():
             m = copy.deepcopy(net)
             st.quantize_(m, cfg)
@@ -304,7 +313,7 @@ def run_mnist(args) -> str:
         runners = {"eager": lambda b: net(b), **{k: (lambda b, k=k: sess[k].run(None, {sess[k].get_inputs()[0].name: b.numpy()}))
                                                 for k in onnx},
                    "pt-W4A4": lambda b: models["W4A4"](b)}
-        packed = load_packed(CACHE / "mnist-W4A4.slim", runtime="float")
+        packed = load_packed(CACHE / "mnist-W4A4-int32bias.slim", runtime="float")
         runners["packed"] = lambda b: packed(b)
         lat, loads = {}, [load_avg()]
         for bs, runs in ((1, 50 if args.quick else 200), (64, 20 if args.quick else 50)):
@@ -319,8 +328,9 @@ def run_mnist(args) -> str:
     rows = [[labels[k], f"{lat[1][k]:.3f}", f"{lat[64][k]:.2f}", f"{float(lat[64][k]) / lat[64]['fp32']:.2f}"]
             for k in runners]
     return (f"Float model: 2 epochs (FP32 test accuracy {fp32_acc:.2f}%); W8A8 = calibration only, W4A4 = "
-            f"calibration + {0 if args.quick else 1} epoch LSQ QAT. onnxruntime with all graph optimizations "
-            f"(its QLinearConv/QGemm fusions of the QDQ export round the bias to int32 and requantize; the exact "
+            f"calibration + {0 if args.quick else 1} epoch LSQ QAT; both with `bias="int32"` (biases on the s_x*s_w grid, "
+            f"the int32 bias onnxruntime's QLinearConv/QGemm add). onnxruntime with all graph optimizations "
+            f"(it fuses the QDQ export into those integer kernels, which requantize each layer's output; the exact "
             f"export keeps float kernels).\n\n"
             + table(["model", "PyTorch accuracy %", "onnxruntime accuracy %", "argmax agreement",
                      "max abs diff", "output scale"], rows_par)

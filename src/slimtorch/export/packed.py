@@ -37,9 +37,10 @@ import math
 import torch
 from torch import nn
 
-from ..attach import add_weight_transform, set_input_quantizer, weight_transforms
+from ..attach import add_weight_transform, bias_transforms, set_input_quantizer, weight_transforms
 from ..errors import CheckpointError, ConfigError
 from ..quant.api import quantized_layers
+from ..quant.bias import Int32Bias, attach_int32_bias
 from ..quant.quantizer import Quantizer, build_quantizer
 from ..search.budget import layer_kind, model_costs
 from .bitpack import pack_tensor, packed_size, unpack_tensor
@@ -82,7 +83,8 @@ def _float_keys(q: Quantizer) -> list:
 def _layer_keys(name: str, sd_keys) -> set:
     p = f"{name}." if name else ""
     return {k for k in sd_keys if k in (p + "weight", p + "bias")
-            or k.startswith(p + "parametrizations.weight.") or k.startswith(p + "input_quantizer.")}
+            or k.startswith(p + "parametrizations.weight.") or k.startswith(p + "parametrizations.bias.")
+            or k.startswith(p + "input_quantizer.")}
 
 
 def _f32(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -137,6 +139,8 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
             entry.update(kind="float", bits=32)
             tensors[f"{name}.weight"] = w.detach()
         entry["bias"] = 0 if bias is None else bias.numel()
+        if any(isinstance(t, Int32Bias) for t in bias_transforms(m)):
+            entry["int32_bias"] = True          # the stored bias is already on the int32 grid
         if aq is not None:
             if getattr(aq, "initialized", True) is False:
                 raise ConfigError(f"layer {name!r}: input quantizer is not initialised; run "
@@ -311,6 +315,7 @@ def load_packed(path, model_or_factory=None, runtime: str = "float") -> nn.Modul
     if any(True for _ in quantized_layers(model)):
         raise ConfigError("load_packed needs a float model (no quantizers attached): build a fresh one")
     sd, plan = model.state_dict(), []
+    int32_bias = {e["name"]: bool(e.get("int32_bias")) for e in meta["layers"]}
     for e in meta["layers"]:       # validate and decode everything before touching the model
         name = e["name"]
         try:
@@ -348,6 +353,8 @@ def load_packed(path, model_or_factory=None, runtime: str = "float") -> nn.Modul
             set_input_quantizer(m, aq.to(m.weight.device))
         if runtime == "fakequant" and wq is not None:
             add_weight_transform(m, wq.to(m.weight.device))
+        if runtime == "fakequant" and int32_bias.get(name):
+            attach_int32_bias(m)
     if runtime == "int8":
         from ..runtime.int8 import convert_int8
         convert_int8(model, {p[0]: (p[4], p[6]) for p in plan})

@@ -65,6 +65,11 @@ def quantize_(model: nn.Module, config, include=None, exclude=None, plan=None) -
             raise ConfigError(f"layer {name!r} is already quantized")
     bits = _normalise_plan(plan, layers, config)
     handler_for(config)(model, config, layers, bits)
+    if getattr(config, "bias", "float") == "int32":
+        from .bias import attach_int32_bias
+        for m in layers.values():
+            if weight_quantizer(m) is not None and input_quantizer(m) is not None:
+                attach_int32_bias(m)
     return model
 
 

@@ -17,11 +17,14 @@ class QuantConfig:
 
     w_bits / a_bits: 2..8 (a_bits None = activations stay float).
     weights: per_tensor | per_channel.   tie_bits: a layer's W and A bits set to max(w, a).
+    bias: "float" | "int32" (train with the int32 bias integer kernels add, step s_x * s_w:
+    the float model then matches onnxruntime's QLinearConv/QGemm, see quant/bias.py).
     """
     w_bits: int = 4
     a_bits: int | None = 4
     weights: str = "per_tensor"
     tie_bits: bool = False
+    bias: str = "float"
 
     def __post_init__(self):
         check_bits(self.w_bits, "w_bits")
@@ -29,6 +32,8 @@ class QuantConfig:
             check_bits(self.a_bits, "a_bits")
         if self.weights not in GRANULARITIES:
             raise ConfigError(f"weights={self.weights!r}; expected one of {GRANULARITIES}")
+        if self.bias not in ("float", "int32"):
+            raise ConfigError(f"bias={self.bias!r}; expected 'float' or 'int32'")
 
 
 @register_config("lsq")

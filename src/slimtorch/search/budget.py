@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from ..attach import QUANTIZABLE, input_quantizer, raw_weight
+from ..attach import QUANTIZABLE, input_quantizer, raw_param, raw_weight
 from ..quant.quantizer import Quantizer
 
 FLOAT_BITS = 32
@@ -99,8 +99,8 @@ def model_costs(model: nn.Module) -> dict:
     for n, m in model.named_modules():
         if isinstance(m, QUANTIZABLE):
             counted.add(id(raw_weight(m)))
-            if getattr(m, "bias", None) is not None:
-                counted.add(id(m.bias))
+            if raw_param(m, "bias") is not None:
+                counted.add(id(raw_param(m, "bias")))
     float_params, other, other_bytes = 0, 0, 0
     seen = set()
     for name, p in model.named_parameters():
