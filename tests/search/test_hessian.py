@@ -156,3 +156,20 @@ def test_sdpa_without_double_backward_says_eager():
         assert "eager" in str(e)
     else:  # a build whose SDPA kernel has a double backward: then it simply works
         assert set(res.traces) == {"qkv", "out"}
+
+
+def test_relative_stderr_stop_reaches_the_requested_precision():
+    model, x, y = _mlp_data(seed=2, n=256)
+    ce = lambda m: F.cross_entropy(m(x), y)
+    res = hutchinson_traces(model, ce, max_iter=2000, rel_stderr=0.02, seed=0, progress=False)
+    assert res.converged and 10 <= res.iterations < 2000
+    tot = sum(res.totals.values())
+    # recompute the summed-trace standard error from the running means
+    h = res.history
+    xs = torch.tensor([h[0]] + [(k + 1) * h[k] - k * h[k - 1] for k in range(1, len(h))], dtype=torch.float64)
+    assert xs.std().item() / len(xs) ** 0.5 <= 0.02 * abs(tot) * (1 + 1e-6)
+    each = hutchinson_traces(model, ce, max_iter=3000, rel_stderr=0.05, stop_on="each", seed=0, progress=False)
+    assert each.converged
+    assert all(each.stderr[n] <= 0.05 * abs(each.traces[n]) * (1 + 1e-6) for n in each.traces)
+    with pytest.raises(ConfigError, match="rel_stderr"):
+        hutchinson_traces(model, ce, rel_stderr=1.5, progress=False)

@@ -155,11 +155,18 @@ class _ActProbe:
             h.remove()
 
 
+def _stderr(s1: torch.Tensor, s2: torch.Tensor, n: int) -> torch.Tensor:
+    """Standard error of the mean from running sums of x and x^2 over n samples."""
+    mean = s1 / n
+    return ((s2 / n - mean * mean).clamp_min(0) * (n / max(n - 1, 1)) / n).sqrt()
+
+
 def hutchinson_traces(model: nn.Module, data, loss_fn: Callable | None = None, *, include=None,
                       exclude=None, max_iter: int = 200, tol: float = 1e-3, min_iter: int = 2,
                       patience: int = 2, num_batches: int | None = 4, stop_on: str = "total",
                       activations: bool = False, frozen: str = "skip", seed: int = 0,
-                      eps: float = 1e-6, progress: bool = True) -> TraceResult:
+                      eps: float = 1e-6, rel_stderr: float | None = None,
+                      progress: bool = True) -> TraceResult:
     """Average Hessian trace per quantizable layer (weights only, biases excluded).
 
     ``data``: an iterable of batches (the first ``num_batches`` are used every iteration, their
@@ -167,7 +174,10 @@ def hutchinson_traces(model: nn.Module, data, loss_fn: Callable | None = None, *
     defaults to :func:`default_loss`. Stops after ``max_iter`` iterations, or when the relative
     change of the running mean |m_k - m_(k-1)| / (|m_k| + eps) is below ``tol`` for ``patience``
     consecutive iterations (``stop_on="total"``: summed trace, like PyHessian; ``"each"``: every
-    layer). The model is in eval() mode during the estimate; modes and requires_grad are restored.
+    layer). ``rel_stderr``: instead, stop once the standard error of the mean is below this
+    fraction of |mean| (summed trace or every layer, per ``stop_on``; at least 10 iterations): a
+    statement about the estimate's precision, which the step rule is not.
+    The model is in eval() mode during the estimate; modes and requires_grad are restored.
     Under torch.distributed the per-iteration estimates are averaged over ranks (same seed -> same v).
     """
     if stop_on not in ("total", "each"):
@@ -176,6 +186,8 @@ def hutchinson_traces(model: nn.Module, data, loss_fn: Callable | None = None, *
         raise ConfigError(f"max_iter must be a positive integer, got {max_iter!r}")
     if not tol > 0:
         raise ConfigError(f"tol must be > 0, got {tol!r}")
+    if rel_stderr is not None and not 0 < rel_stderr < 1:
+        raise ConfigError(f"rel_stderr must be in (0, 1), got {rel_stderr!r}")
     weights, frozen_names = select_weights(model, include, exclude, frozen)
     names = list(weights)
     uniq = list({id(w): w for w in weights.values()}.values())   # tied weights: one block
@@ -196,7 +208,7 @@ def hutchinson_traces(model: nn.Module, data, loss_fn: Callable | None = None, *
     a1 = torch.zeros(len(names), dtype=torch.float64) if activations else None
     a2 = torch.zeros(len(names), dtype=torch.float64) if activations else None
     act_numel: dict[str, int] = {}
-    history, prev, calm, it, converged = [], None, 0, 0, False
+    history, prev, calm, it, converged, tot2 = [], None, 0, 0, False, 0.0
     t0 = time.perf_counter()
 
     unused: set[int] = set()
@@ -271,6 +283,7 @@ def hutchinson_traces(model: nn.Module, data, loss_fn: Callable | None = None, *
                 est, aest = packed[:L], (packed[L:] if activations else None)
             s1 += est
             s2 += est * est
+            tot2 += est.sum().item() ** 2
             if activations:
                 a1 += aest
                 a2 += aest * aest
@@ -286,7 +299,14 @@ def hutchinson_traces(model: nn.Module, data, loss_fn: Callable | None = None, *
                 bar.set_postfix(trace=f"{history[-1]:.4g}", rel=f"{rel:.1e}", refresh=False)
             prev = cur.clone() if isinstance(cur, torch.Tensor) else cur
             bar.update(1)
-            if it >= max(min_iter, 2) and calm >= patience:
+            if rel_stderr is not None:
+                calm = 0
+                if it >= max(min_iter, 10) and stop_on == "total":
+                    se_t = _stderr(s1.sum(), torch.tensor(tot2, dtype=torch.float64), it).item()
+                    calm = int(se_t <= rel_stderr * abs(cur))
+                elif it >= max(min_iter, 10):
+                    calm = int(bool((_stderr(s1, s2, it) <= rel_stderr * mean.abs()).all()))
+            if it >= max(min_iter, 2) and calm >= (1 if rel_stderr is not None else patience):
                 converged = True
                 break
         bar.close()
@@ -302,8 +322,7 @@ def hutchinson_traces(model: nn.Module, data, loss_fn: Callable | None = None, *
         warnings.warn("layers not used by the loss (trace 0): "
                       f"{[n for i, n in enumerate(names) if block[i] in unused]}", stacklevel=2)
     mean = s1 / it
-    var = (s2 / it - mean * mean).clamp_min(0) * (it / max(it - 1, 1))
-    se = (var / it).sqrt()
+    se = _stderr(s1, s2, it)
     numel = {n: weights[n].numel() for n in names}
     res = TraceResult(
         traces={n: mean[block[i]].item() / numel[n] for i, n in enumerate(names)},
@@ -315,7 +334,7 @@ def hutchinson_traces(model: nn.Module, data, loss_fn: Callable | None = None, *
     if activations:
         res.act_numel = {n: act_numel.get(n, 0) for n in names}
         am = a1 / it
-        ase = ((a2 / it - am * am).clamp_min(0) * (it / max(it - 1, 1)) / it).sqrt()
+        ase = _stderr(a1, a2, it)
         res.act_traces = {n: am[j].item() / max(act_numel.get(n, 0), 1) for j, n in enumerate(names)}
         res.act_stderr = {n: ase[j].item() / max(act_numel.get(n, 0), 1) for j, n in enumerate(names)}
     if not all(math.isfinite(v) for v in res.traces.values()):
