@@ -40,3 +40,28 @@ def test_quantize_calibrate_train_on_device(device):
         opt.zero_grad(); loss.backward(); opt.step()
     assert all(p.device.type == device for p in m.parameters())
     assert st.report(m).totals["bytes"] > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_integer_offset_int32_bias_shared_inputs_on_device(device):
+    torch.manual_seed(0)
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(torch.relu(torch.cat([self.a(x), self.b(x)], -1)))
+    m = Two().to(device)
+    st.quantize_(m, st.LSQPlus(w_bits=4, a_bits=8, integer_offset=True, bias="int32"))
+    x, y = torch.randn(32, 6, device=device), torch.randint(0, 3, (32,), device=device)
+    assert st.share_input_quantizers(m, lambda mm: mm(x)) == [["a", "b"]]
+    st.calibrate(m, [(x,)])
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+    s = m.a.input_quantizer.quant_params()["scale"] * m.a.parametrizations.weight[0].quant_params()["scale"]
+    k = m.a.bias / s
+    assert k.device.type == device and (k - k.round()).abs().max() < 1e-3      # bias on the int32 grid
