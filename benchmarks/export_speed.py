@@ -181,7 +181,7 @@ def run_minilm(args) -> str:
     labels = {"eager": "PyTorch FP32 eager", "fp32": "onnxruntime FP32",
               "dyn": "onnxruntime dynamic int8, per-tensor", "dynpc": "onnxruntime dynamic int8, per-channel",
               "q8": "**ours** W8A8 QDQ (static LSQ+ scales, integer zero points), onnxruntime",
-              "q8o": "**ours** W8A8, kernels=\"ort\" (MatMulIntegerToFloat + fused bias, Q/K/V one GEMM)",
+              "q8o": "**ours** W8A8, kernels=\"ort\" (MatMulIntegerToFloat with fused bias), onnxruntime",
               "q8x": "**ours** W8A8, exact export (float kernels), onnxruntime",
               "q4nb": "**ours** W4A8, W4 as MatMulNBits (accuracy_level 0), onnxruntime",
               "q4nb4": "**ours** W4A8, W4 as MatMulNBits (accuracy_level 4: int8 compute), onnxruntime",
@@ -328,7 +328,7 @@ def run_mnist(args) -> str:
     rows = [[labels[k], f"{lat[1][k]:.3f}", f"{lat[64][k]:.2f}", f"{float(lat[64][k]) / lat[64]['fp32']:.2f}"]
             for k in runners]
     return (f"Float model: 2 epochs (FP32 test accuracy {fp32_acc:.2f}%); W8A8 = calibration only, W4A4 = "
-            f"calibration + {0 if args.quick else 1} epoch LSQ QAT; both with `bias="int32"` (biases on the s_x*s_w grid, "
+            f"calibration + {0 if args.quick else 1} epoch LSQ QAT; both with `bias='int32'` (biases on the s_x*s_w grid, "
             f"the int32 bias onnxruntime's QLinearConv/QGemm add). onnxruntime with all graph optimizations "
             f"(it fuses the QDQ export into those integer kernels, which requantize each layer's output; the exact "
             f"export keeps float kernels).\n\n"

@@ -1,5 +1,5 @@
 """Integer zero points, shared input quantizers and onnxruntime-specific integer kernels
-(kernels="ort": MatMulIntegerToFloat with fused bias; parallel GEMMs on one input concatenated)."""
+(kernels="ort": MatMulIntegerToFloat with the bias fused)."""
 import numpy as np
 import pytest
 import torch
@@ -70,8 +70,7 @@ def test_integer_zero_point_export_has_no_offset_arithmetic(kernels, tmp_path):
     got = ort_session(path, optimization="none" if kernels == "qdq" else "all").run(None, {"x": x.numpy()})[0]
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
     if kernels == "ort":
-        assert ops.count("MatMulIntegerToFloat") == 3 and "Split" in ops   # q|k|v -> one GEMM
-        assert "DequantizeLinear" not in ops
+        assert ops.count("MatMulIntegerToFloat") == 5 and "DequantizeLinear" not in ops
 
 
 def test_ort_kernels_equal_qdq_kernels_in_onnxruntime(tmp_path):
@@ -83,23 +82,3 @@ def test_ort_kernels_equal_qdq_kernels_in_onnxruntime(tmp_path):
     assert np.abs(ra - rb).max() <= 1e-5 * np.abs(ra).max()
     with pytest.raises(ConfigError, match="kernels"):
         export_onnx(m, tmp_path / "c.onnx", (x[:2],), kernels="tensorrt")
-
-
-def test_fused_parallel_gemm_is_identical(tmp_path):
-    from slimtorch.export.onnx_fuse import fuse_parallel_matmuls
-    m, x, _ = _model(st.LSQ(w_bits=8, a_bits=8), share=True)
-    path = export_onnx(m, tmp_path / "m.onnx", (x[:2],), input_names=["x"], kernels="ort")
-    proto = onnx.load(str(path))
-    assert fuse_parallel_matmuls(proto) == 0                           # already fused, idempotent
-    unfused = tmp_path / "u.onnx"
-    from slimtorch.export import onnx_fuse
-    orig = onnx_fuse.fuse_parallel_matmuls
-    try:
-        onnx_fuse.fuse_parallel_matmuls = lambda p: 0
-        export_onnx(m, unfused, (x[:2],), input_names=["x"], kernels="ort")
-    finally:
-        onnx_fuse.fuse_parallel_matmuls = orig
-    assert "Split" not in _ops(unfused)
-    ra = ort_session(unfused).run(None, {"x": x.numpy()})[0]
-    rb = ort_session(path).run(None, {"x": x.numpy()})[0]
-    assert np.array_equal(ra, rb)

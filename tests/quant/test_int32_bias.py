@@ -92,3 +92,16 @@ def test_onnxruntime_integer_kernels_agree(bits, tmp_path):
         want = m(x).numpy()
     assert (got.argmax(1) == want.argmax(1)).all()
     assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+
+
+def test_export_warns_about_biases_integer_kernels_would_round(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import warnings
+    from slimtorch.export.onnx_export import export_onnx
+    x = torch.randn(16, 1, 8, 8)
+    with pytest.warns(UserWarning, match=r"layer\(s\) \(0, 3, 6\).*bias='int32'"):
+        export_onnx(_quantized(st.LSQ(w_bits=8, a_bits=8), x), tmp_path / "a.onnx", (x[:2],))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_onnx(_quantized(st.LSQ(w_bits=8, a_bits=8, bias="int32"), x), tmp_path / "b.onnx", (x[:2],))
+        export_onnx(_quantized(st.LSQ(w_bits=8, a_bits=8), x), tmp_path / "c.onnx", (x[:2],), exact=True)
