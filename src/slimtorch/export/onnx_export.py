@@ -320,7 +320,7 @@ def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, out
                       "s_x*s_w grid; onnxruntime's fused integer kernels round it to int32 themselves, so a "
                       "code can differ from PyTorch now and then. Quantize with bias='int32' (and "
                       "integer_offset=True for LSQ+) for an exact match, or export with exact=True.",
-                      stacklevel=2)
+                      stacklevel=3)
     if check:
         import onnx
         onnx.checker.check_model(str(path))
