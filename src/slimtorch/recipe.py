@@ -9,7 +9,7 @@ up front, and an unknown key is an error that names it and lists the allowed one
     compress: {method: lsq+, w_bits: 4, a_bits: 4, include: null, exclude: null,
                plan: null, calibrate_batches: 8}     # method uhlich: learned bits + budget penalty
     finetune: {epochs: 3, lr: 0.0005, ...}                       # QAT after compress
-    export:   {path: model.slim}                                 # packed file in --out
+    export:   {path: model.slim, onnx: null, onnx_kernels: qdq}   # packed file (+ ONNX) in --out
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ SECTIONS = {"seed", "data", "model", "train", "search", "compress", "finetune", 
 DATA_KEYS = {"name", "eval_batch_size", "options"}
 MODEL_KEYS = {"name", "kwargs", "checkpoint"}
 COMPRESS_SELECT = {"include", "exclude", "plan", "calibrate_batches"}
-EXPORT_KEYS = {"path", "onnx"}
+EXPORT_KEYS = {"path", "onnx", "onnx_kernels"}
 
 
 @dataclass

@@ -43,6 +43,11 @@ def test_export_and_bench(slim, tmp_path, capsys):
     assert main(["export", str(slim), "--onnx", str(onnx_path)]) == 0
     out = capsys.readouterr().out
     assert onnx_path.exists() and "max abs diff" in out and "argmax agreement" in out
+    fast = tmp_path / "fast.onnx"
+    assert main(["export", str(slim), "--onnx", str(fast), "--kernels", "ort"]) == 0
+    assert "argmax agreement" in capsys.readouterr().out
+    import onnx
+    assert "MatMulIntegerToFloat" in {n.op_type for n in onnx.load(str(fast)).graph.node}
     for f in (str(slim), str(onnx_path)):
         assert main(["bench", f, "--batch", "1", "4", "--runs", "3", "--warmup", "1"]) == 0
         lines = capsys.readouterr().out.splitlines()

@@ -50,6 +50,10 @@ def register(sub) -> None:
     p.add_argument("--onnx", required=True, help="output .onnx path")
     p.add_argument("--matmul-nbits", type=int, default=0, metavar="BLOCK",
                    help="emit com.microsoft MatMulNBits for <=4-bit Linear weights (block size, e.g. 128)")
+    p.add_argument("--kernels", choices=("qdq", "ort"), default="qdq",
+                   help="qdq: standard ONNX (any runtime); ort: onnxruntime MatMulIntegerToFloat with fused bias")
+    p.add_argument("--exact", action="store_true",
+                   help="keep onnxruntime on float kernels (PyTorch's arithmetic; slower)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     add_model_args(p)
     p.set_defaults(func=_export)
@@ -73,7 +77,7 @@ def _export(args) -> int:
         b, s = torch.export.Dim("batch"), torch.export.Dim("seq", min=2, max=512)
         dyn = {k: {0: b, 1: s} for k in ex}
     path = export_onnx(net, args.onnx, ex, output_names=["output"], matmul_nbits=args.matmul_nbits,
-                       **({"dynamic_shapes": dyn} if dyn else {}))
+                       kernels=args.kernels, exact=args.exact, **({"dynamic_shapes": dyn} if dyn else {}))
     print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     if not args.no_check:
         x = make(8)
