@@ -54,6 +54,7 @@ class TraceResult:
     act_numel: dict[str, int] | None = None
     act_stderr: dict[str, float] | None = None
     history: list[float] = field(default_factory=list)  # running estimate of the summed trace
+    elapsed: list[float] = field(default_factory=list)  # seconds from the start to each iteration's end
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("traces", "totals", "numel", "stderr", "iterations",
@@ -208,7 +209,7 @@ def hutchinson_traces(model: nn.Module, data, loss_fn: Callable | None = None, *
     a1 = torch.zeros(len(names), dtype=torch.float64) if activations else None
     a2 = torch.zeros(len(names), dtype=torch.float64) if activations else None
     act_numel: dict[str, int] = {}
-    history, prev, calm, it, converged, tot2 = [], None, 0, 0, False, 0.0
+    history, elapsed, prev, calm, it, converged, tot2 = [], [], None, 0, 0, False, 0.0
     t0 = time.perf_counter()
 
     unused: set[int] = set()
@@ -290,6 +291,7 @@ def hutchinson_traces(model: nn.Module, data, loss_fn: Callable | None = None, *
             mean = s1 / it
             cur = mean.sum().item() if stop_on == "total" else mean
             history.append(mean.sum().item())
+            elapsed.append(time.perf_counter() - t0)
             if prev is not None:
                 if stop_on == "total":
                     rel = abs(cur - prev) / (abs(cur) + eps)
@@ -330,7 +332,7 @@ def hutchinson_traces(model: nn.Module, data, loss_fn: Callable | None = None, *
         numel=numel,
         stderr={n: se[block[i]].item() / numel[n] for i, n in enumerate(names)},
         iterations=it, converged=converged, seconds=time.perf_counter() - t0,
-        frozen=frozen_names, history=history)
+        frozen=frozen_names, history=history, elapsed=elapsed)
     if activations:
         res.act_numel = {n: act_numel.get(n, 0) for n in names}
         am = a1 / it
