@@ -181,7 +181,7 @@ def run_minilm(args) -> str:
     labels = {"eager": "PyTorch FP32 eager", "fp32": "onnxruntime FP32",
               "dyn": "onnxruntime dynamic int8, per-tensor", "dynpc": "onnxruntime dynamic int8, per-channel",
               "q8": "**ours** W8A8 QDQ (static LSQ+ scales, integer zero points), onnxruntime",
-              "q8o": "**ours** W8A8, kernels=\"ort\" (MatMulIntegerToFloat with fused bias), onnxruntime",
+              "q8o": "**ours** W8A8, kernels=\"ort\" (fused int8 QAttention + MatMulIntegerToFloat with fused bias), onnxruntime",
               "q8x": "**ours** W8A8, exact export (float kernels), onnxruntime",
               "q4nb": "**ours** W4A8, W4 as MatMulNBits (accuracy_level 0), onnxruntime",
               "q4nb4": "**ours** W4A8, W4 as MatMulNBits (accuracy_level 4: int8 compute), onnxruntime",

@@ -82,3 +82,33 @@ def test_ort_kernels_equal_qdq_kernels_in_onnxruntime(tmp_path):
     assert np.abs(ra - rb).max() <= 1e-5 * np.abs(ra).max()
     with pytest.raises(ConfigError, match="kernels"):
         export_onnx(m, tmp_path / "c.onnx", (x[:2],), kernels="tensorrt")
+
+
+def test_bert_self_attention_fused_into_qattention(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from slimtorch.export.modelspec import HFEncoder
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32, attn_implementation="eager")
+    torch.manual_seed(0)
+    m = transformers.BertModel(cfg).eval()
+    st.quantize_(m, st.LSQPlus(w_bits=8, a_bits=8, integer_offset=True, weights="per_channel"),
+                 exclude=["*embeddings*", "pooler*"])
+    ids = torch.randint(0, 100, (6, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[4, 3:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    assert len(st.share_input_quantizers(m, lambda mm: mm(**feeds))) == 2
+    st.calibrate(m, lambda mm: mm(**feeds))
+    ex = {k: v[:2] for k, v in feeds.items()}
+    dyn = {k: {0: torch.export.Dim("b"), 1: torch.export.Dim("s", min=2, max=32)} for k in ex}
+    path = export_onnx(HFEncoder(m), tmp_path / "m.onnx", ex, dynamic_shapes=dyn, kernels="ort")
+    ops = _ops(path)
+    assert ops.count("QAttention") == 2 and "Softmax" not in ops
+    with torch.no_grad():
+        want = m(**feeds).last_hidden_state.numpy()
+    got = ort_session(path).run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+    real = mask.bool().numpy()                                   # padded positions carry no meaning
+    assert np.abs(got - want)[real].max() <= 0.05 * np.abs(want).max()
+    plain = export_onnx(HFEncoder(m), tmp_path / "p.onnx", ex, dynamic_shapes=dyn)   # qdq: no fusion
+    assert "QAttention" not in _ops(plain)

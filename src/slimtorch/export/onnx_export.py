@@ -9,7 +9,9 @@ Each quantized layer is swapped (only for the duration of the export) for a modu
           with ``matmul_nbits`` 2..4-bit Linear weights become com.microsoft MatMulNBits (4-bit
           blocks, zero point 8, per-block scale = the layer's step). ``kernels="ort"``: 8-bit
           Linear layers become com.microsoft MatMulIntegerToFloat(QuantizeLinear(x), W_int, bias)
-          directly (bias fused; onnxruntime only), instead of the DQ -> MatMul -> Add it rebuilds.
+          directly (bias fused; onnxruntime only), instead of the DQ -> MatMul -> Add it rebuilds,
+          and self-attention blocks whose Q/K/V share one input quantizer become one QAttention
+          (onnx_attention.py).
   LSQ+ offsets fold into the bias (Linear, unpadded Conv) or are added back after DQ (padded Conv).
 Quantizers whose codes are not an affine grid (decode != (codes + q_n) * s) export float weights.
 onnxruntime fuses these patterns into integer kernels (MatMulIntegerToFloat, QLinearConv, QGemm);
@@ -156,6 +158,18 @@ def _on_int32_grid(bias, a_scale, w_scale) -> bool:
     return bool((k - torch.round(k)).abs().max() <= 1e-3)
 
 
+def layer_levels(m: nn.Module, wq):
+    """(integer levels, steps) of layer ``m``'s weight under its quantizer ``wq``, or None."""
+    if wq is None:
+        return None
+    x = raw_weight(m)
+    for t in weight_transforms(m):
+        if t is wq:
+            break
+        x = t(x)
+    return _affine_levels(wq, x.detach())
+
+
 class _QLayer(nn.Module):
     """Export stand-in for a quantized Linear / Conv1d / Conv2d / Embedding."""
 
@@ -176,14 +190,7 @@ class _QLayer(nn.Module):
             fan = w_hat.reshape(w_hat.shape[0], -1).sum(1)
             bias = (bias if bias is not None else torch.zeros_like(fan)) + self.act.offset * fan
         self.register_buffer("bias", bias)
-        lv = None
-        if wq is not None:
-            x = raw_weight(m)
-            for t in weight_transforms(m):
-                if t is wq:
-                    break
-                x = t(x)
-            lv = _affine_levels(wq, x.detach())
+        lv = layer_levels(m, wq)
         self.nbits = None
         self.rounds_bias = lv is not None and self.act is not None and not exact and (
             self.fold or (bias is not None and not _on_int32_grid(bias, self.act.scale, lv[1])))
@@ -240,6 +247,45 @@ class _QLayer(nn.Module):
         return conv(x, self.weight(), self.bias, *self.conv_args)
 
 
+def _shared_acts(quantizers, exact) -> dict:
+    """{id(quantizer): export module}; quantizers with identical parameters (one shared object, or
+    copies of it after a packed reload) get one module, so one QuantizeLinear per shared input."""
+    by_value, out = {}, {}
+    for aq in quantizers:
+        act = _Act(aq, exact)
+        key = (act.q_n, act.q_p, act.scale.numpy().tobytes(),
+               None if act.offset is None else act.offset.numpy().tobytes())
+        out[id(aq)] = by_value.setdefault(key, act)
+    return out
+
+
+def _attention_blocks(model, layers, acts, args, kwargs) -> dict:
+    """{name: QAttentionBlock} for the self-attention modules that qualify (onnx_attention.py)."""
+    from .onnx_attention import QAttentionBlock, attention_blocks, behaves_alike
+    cands = attention_blocks(model, {n: (wq, aq) for n, _, wq, aq in layers}, acts)
+    if not cands:
+        return {}
+    seen = {}
+
+    def capture(name):
+        def hook(mod, a, kw):
+            seen.setdefault(name, a[0] if a else kw.get("hidden_states"))
+        return hook
+    hooks = [m.register_forward_pre_hook(capture(n), with_kwargs=True) for n, (m, *_) in cands.items()]
+    try:
+        model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for n, (m, act, levels, heads) in cands.items():
+        blk = QAttentionBlock(m, act, levels, heads)
+        x = seen.get(n)
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and behaves_alike(m, blk, x):
+            out[n] = blk
+    return out
+
+
 def _swap(model, name, new):
     parent, _, child = name.rpartition(".")
     mod = model.get_submodule(parent) if parent else model
@@ -270,7 +316,8 @@ def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, out
     accuracy_level (0: float compute, exact; 4: int8 compute, faster, inexact). ``exact``: keep
     onnxruntime on float kernels (its integer fusions round biases to int32 and requantize, which
     can flip a code); outputs then match PyTorch to float rounding. ``kernels``: "qdq" (standard
-    ONNX, any runtime) or "ort" (8-bit Linear layers as onnxruntime's MatMulIntegerToFloat with
+    ONNX, any runtime) or "ort" (fused int8 QAttention for qualifying self-attention blocks, and
+    8-bit Linear layers as onnxruntime's MatMulIntegerToFloat with
     the bias fused; measured on MiniLM: ~6% less onnxruntime time than the QDQ graph's separate
     bias Add; concatenating Q/K/V into one GEMM + Split was slower, so it is not done).
     Layers that share one input quantizer object (``share_input_quantizers``) share its
@@ -297,9 +344,14 @@ def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, out
     model.eval()
     swapped = []
     try:
-        acts = {}   # one export module per input quantizer object: shared quantizers, one node
+        acts = _shared_acts([aq for *_, aq in layers if aq is not None], exact)
+        blocks = _attention_blocks(model, layers, acts, example_inputs, kwargs) if kernels == "ort" and not exact else {}
+        for n, blk in blocks.items():
+            swapped.append((n, _swap(model, n, blk)))
         for n, m, wq, aq in layers:
-            act = acts.setdefault(id(aq), _Act(aq, exact)) if aq is not None else None
+            if any(n.startswith(b + ".") for b in blocks):
+                continue
+            act = acts[id(aq)] if aq is not None else None
             swapped.append((n, _swap(model, n, _QLayer(m, wq, aq, matmul_nbits, nbits_accuracy, exact,
                                                        kernels, act))))
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -308,7 +360,7 @@ def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, out
                               opset_version=opset, input_names=input_names,
                               output_names=output_names, dynamic_shapes=dynamic_shapes,
                               external_data=False, verbose=False)
-        rounding = [n for n, _ in swapped if model.get_submodule(n).rounds_bias]
+        rounding = [n for n, _ in swapped if getattr(model.get_submodule(n), "rounds_bias", False)]
     finally:
         for n, old in reversed(swapped):
             _swap(model, n, old)
