@@ -112,3 +112,23 @@ def test_bert_self_attention_fused_into_qattention(tmp_path):
     assert np.abs(got - want)[real].max() <= 0.05 * np.abs(want).max()
     plain = export_onnx(HFEncoder(m), tmp_path / "p.onnx", ex, dynamic_shapes=dyn)   # qdq: no fusion
     assert "QAttention" not in _ops(plain)
+
+
+def test_causal_self_attention_is_not_fused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from slimtorch.export.modelspec import HFEncoder
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32, attn_implementation="eager",
+                                  is_decoder=True)
+    torch.manual_seed(0)
+    m = transformers.BertModel(cfg).eval()
+    st.quantize_(m, st.LSQPlus(w_bits=8, a_bits=8, integer_offset=True), exclude=["*embeddings*", "pooler*"])
+    feeds = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    st.share_input_quantizers(m, lambda mm: mm(**feeds))
+    st.calibrate(m, lambda mm: mm(**feeds))
+    path = export_onnx(HFEncoder(m), tmp_path / "m.onnx", feeds, dynamic_shapes=None, kernels="ort")
+    assert "QAttention" not in _ops(path)
+    with torch.no_grad():
+        want = m(**feeds).last_hidden_state.numpy()
+    got = ort_session(path).run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()

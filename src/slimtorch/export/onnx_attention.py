@@ -8,7 +8,8 @@ attention (QK^T / sqrt(d) + mask, softmax, x V) in one kernel instead of ~15 flo
 
 Which modules qualify is decided by behaviour, not by class: a module with ``query``, ``key``,
 ``value`` children, ``num_attention_heads`` and ``attention_head_size`` (the layout HF's BERT-family
-self-attention uses) is replaced only if :class:`QAttentionBlock`'s PyTorch path reproduces the
+self-attention uses), not causal, whose mask on the example batch is a key-padding mask (one row
+for every query), is replaced only if :class:`QAttentionBlock`'s PyTorch path reproduces the
 module's own output on the example batch, with and without a padding mask."""
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ def attention_blocks(model: nn.Module, layers: dict, acts: dict) -> dict:
         heads = getattr(m, "num_attention_heads", None)
         if not all(isinstance(c, nn.Linear) for c in kids) or not isinstance(heads, int):
             continue
+        if getattr(m, "is_causal", False) or getattr(m, "is_decoder", False):
+            continue                                   # QAttention here: key-padding masks only
         names = [f"{name}.{n}" if name else n for n in ("query", "key", "value")]
         if not all(n in layers for n in names):
             continue

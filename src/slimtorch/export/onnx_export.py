@@ -269,7 +269,8 @@ def _attention_blocks(model, layers, acts, args, kwargs) -> dict:
 
     def capture(name):
         def hook(mod, a, kw):
-            seen.setdefault(name, a[0] if a else kw.get("hidden_states"))
+            mask = a[1] if len(a) > 1 else kw.get("attention_mask")
+            seen.setdefault(name, (a[0] if a else kw.get("hidden_states"), mask))
         return hook
     hooks = [m.register_forward_pre_hook(capture(n), with_kwargs=True) for n, (m, *_) in cands.items()]
     try:
@@ -280,8 +281,10 @@ def _attention_blocks(model, layers, acts, args, kwargs) -> dict:
     out = {}
     for n, (m, act, levels, heads) in cands.items():
         blk = QAttentionBlock(m, act, levels, heads)
-        x = seen.get(n)
-        if isinstance(x, torch.Tensor) and x.dim() == 3 and behaves_alike(m, blk, x):
+        x, mask = seen.get(n, (None, None))
+        padding_only = mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4
+                                        and torch.equal(mask, mask[:, :, :1, :].expand_as(mask)))
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and padding_only and behaves_alike(m, blk, x):
             out[n] = blk
     return out
 
