@@ -109,3 +109,34 @@ def behaves_alike(module: nn.Module, block: QAttentionBlock, hidden: torch.Tenso
         if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-3, atol=1e-3 * want.abs().max()):
             return False
     return True
+
+
+def fusable_attention(model, layers, acts, args, kwargs) -> dict:
+    """{name: QAttentionBlock} for the self-attention modules of ``model`` that qualify: candidates
+    from :func:`attention_blocks`, their inputs captured on the example batch (``args``/``kwargs``),
+    key-padding masks only, and :func:`behaves_alike` on those inputs."""
+    cands = attention_blocks(model, {n: (wq, aq) for n, _, wq, aq in layers}, acts)
+    if not cands:
+        return {}
+    seen = {}
+
+    def capture(name):
+        def hook(mod, a, kw):
+            mask = a[1] if len(a) > 1 else kw.get("attention_mask")
+            seen.setdefault(name, (a[0] if a else kw.get("hidden_states"), mask))
+        return hook
+    hooks = [m.register_forward_pre_hook(capture(n), with_kwargs=True) for n, (m, *_) in cands.items()]
+    try:
+        model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for n, (m, act, levels, heads) in cands.items():
+        blk = QAttentionBlock(m, act, levels, heads)
+        x, mask = seen.get(n, (None, None))
+        padding_only = mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4
+                                        and torch.equal(mask, mask[:, :, :1, :].expand_as(mask)))
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and padding_only and behaves_alike(m, blk, x):
+            out[n] = blk
+    return out

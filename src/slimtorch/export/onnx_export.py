@@ -259,36 +259,6 @@ def _shared_acts(quantizers, exact) -> dict:
     return out
 
 
-def _attention_blocks(model, layers, acts, args, kwargs) -> dict:
-    """{name: QAttentionBlock} for the self-attention modules that qualify (onnx_attention.py)."""
-    from .onnx_attention import QAttentionBlock, attention_blocks, behaves_alike
-    cands = attention_blocks(model, {n: (wq, aq) for n, _, wq, aq in layers}, acts)
-    if not cands:
-        return {}
-    seen = {}
-
-    def capture(name):
-        def hook(mod, a, kw):
-            mask = a[1] if len(a) > 1 else kw.get("attention_mask")
-            seen.setdefault(name, (a[0] if a else kw.get("hidden_states"), mask))
-        return hook
-    hooks = [m.register_forward_pre_hook(capture(n), with_kwargs=True) for n, (m, *_) in cands.items()]
-    try:
-        model(*args, **kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
-    out = {}
-    for n, (m, act, levels, heads) in cands.items():
-        blk = QAttentionBlock(m, act, levels, heads)
-        x, mask = seen.get(n, (None, None))
-        padding_only = mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4
-                                        and torch.equal(mask, mask[:, :, :1, :].expand_as(mask)))
-        if isinstance(x, torch.Tensor) and x.dim() == 3 and padding_only and behaves_alike(m, blk, x):
-            out[n] = blk
-    return out
-
-
 def _swap(model, name, new):
     parent, _, child = name.rpartition(".")
     mod = model.get_submodule(parent) if parent else model
@@ -325,6 +295,7 @@ def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, out
     bias Add; concatenating Q/K/V into one GEMM + Split was slower, so it is not done).
     Layers that share one input quantizer object (``share_input_quantizers``) share its
     QuantizeLinear node. The model is unchanged."""
+    from .onnx_attention import fusable_attention
     if kernels not in ("qdq", "ort"):
         raise ConfigError(f"kernels must be 'qdq' or 'ort', got {kernels!r}")
     if matmul_nbits and (matmul_nbits < 16 or matmul_nbits & (matmul_nbits - 1)):
@@ -348,7 +319,9 @@ def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, out
     swapped = []
     try:
         acts = _shared_acts([aq for *_, aq in layers if aq is not None], exact)
-        blocks = _attention_blocks(model, layers, acts, example_inputs, kwargs) if kernels == "ort" and not exact else {}
+        blocks = {}
+        if kernels == "ort" and not exact:
+            blocks = fusable_attention(model, layers, acts, example_inputs, kwargs)
         for n, blk in blocks.items():
             swapped.append((n, _swap(model, n, blk)))
         for n, m, wq, aq in layers:
