@@ -291,7 +291,7 @@ def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, out
     can flip a code); outputs then match PyTorch to float rounding. ``kernels``: "qdq" (standard
     ONNX, any runtime) or "ort" (fused int8 QAttention for qualifying self-attention blocks, and
     8-bit Linear layers as onnxruntime's MatMulIntegerToFloat with
-    the bias fused; measured on MiniLM: ~6% less onnxruntime time than the QDQ graph's separate
+    the bias fused; on MiniLM faster than the QDQ graph's separate
     bias Add; concatenating Q/K/V into one GEMM + Split was slower, so it is not done).
     Layers that share one input quantizer object (``share_input_quantizers``) share its
     QuantizeLinear node. The model is unchanged."""
