@@ -132,3 +132,14 @@ def test_causal_self_attention_is_not_fused(tmp_path):
         want = m(**feeds).last_hidden_state.numpy()
     got = ort_session(path).run(None, {k: v.numpy() for k, v in feeds.items()})[0]
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+
+
+def test_shared_input_quantizer_survives_packed_reload(tmp_path):
+    from slimtorch.export import load_packed, save_packed
+    m, x, _ = _model(st.LSQPlus(w_bits=4, a_bits=8, integer_offset=True), share=True)
+    save_packed(m, tmp_path / "m.slim")
+    r = load_packed(tmp_path / "m.slim", Heads, runtime="fakequant")
+    assert r.q.input_quantizer is r.k.input_quantizer is r.v.input_quantizer
+    assert r.up.input_quantizer is not r.q.input_quantizer
+    with torch.no_grad():
+        assert torch.equal(r(x), m(x))

@@ -116,6 +116,7 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
             table.append(entry)
         return table.index(entry)
 
+    first_user: dict[int, str] = {}     # input quantizer object -> first layer using it
     for name, m, wq, aq in quantized_layers(model):
         w, bias = m.weight, getattr(m, "bias", None)
         entry = {"name": name, "module": layer_kind(m), "shape": list(w.shape)}
@@ -146,6 +147,9 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
                 raise ConfigError(f"layer {name!r}: input quantizer is not initialised; run "
                                   "slimtorch.calibrate or a forward pass before saving")
             entry["aq"] = index_of(aq, name)
+            if id(aq) in first_user:          # share_input_quantizers: one object, restored on load
+                entry["aq_shared"] = first_user[id(aq)]
+            first_user.setdefault(id(aq), name)
             params += [_f32(v, f"{name} input quantizer {k}") for k, v in aq.state_dict().items()
                        if v.is_floating_point()]
         pooled += params
@@ -316,6 +320,7 @@ def load_packed(path, model_or_factory=None, runtime: str = "float") -> nn.Modul
         raise ConfigError("load_packed needs a float model (no quantizers attached): build a fresh one")
     sd, plan = model.state_dict(), []
     int32_bias = {e["name"]: bool(e.get("int32_bias")) for e in meta["layers"]}
+    shared_aq = {e["name"]: e["aq_shared"] for e in meta["layers"] if e.get("aq_shared")}
     for e in meta["layers"]:       # validate and decode everything before touching the model
         name = e["name"]
         try:
@@ -345,12 +350,16 @@ def load_packed(path, model_or_factory=None, runtime: str = "float") -> nn.Modul
             raise CheckpointError(f"{path}: state {k!r} has shape {list(tensors[k].shape)} in the "
                                   f"file, {list(sd[k].shape)} in the model")
     model.load_state_dict({k: tensors[k] for k in keys}, strict=False)
+    loaded_aq = {}
     for name, m, w, bias, wq, aq, codes in plan:
         m.weight.copy_(w)
         if bias is not None:
             m.bias.copy_(bias)
         if aq is not None:
-            set_input_quantizer(m, aq.to(m.weight.device))
+            owner = shared_aq.get(name)
+            aq = loaded_aq[owner] if owner in loaded_aq else aq.to(m.weight.device)
+            loaded_aq[name] = aq
+            set_input_quantizer(m, aq)
         if runtime == "fakequant" and wq is not None:
             add_weight_transform(m, wq.to(m.weight.device))
         if runtime == "fakequant" and int32_bias.get(name):
