@@ -143,3 +143,15 @@ def test_shared_input_quantizer_survives_packed_reload(tmp_path):
     assert r.up.input_quantizer is not r.q.input_quantizer
     with torch.no_grad():
         assert torch.equal(r(x), m(x))
+
+
+@pytest.mark.parametrize("a_bits", [3, 5])
+def test_integer_zero_point_below_8_bits_matches_the_graph(a_bits, tmp_path):
+    m, x, _ = _model(st.LSQPlus(w_bits=4, a_bits=a_bits, integer_offset=True), share=False)
+    assert any(q.quant_params()["q_n"] < 0 for q in (m.q.input_quantizer, m.up.input_quantizer, m.out.input_quantizer))
+    path = export_onnx(m, tmp_path / "m.onnx", (x[:2],), input_names=["x"])
+    assert "Clip" in _ops(path) and "Sub" not in _ops(path)
+    with torch.no_grad():
+        want = m(x).numpy()
+    got = ort_session(path, optimization="none").run(None, {"x": x.numpy()})[0]   # the graph as written
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
