@@ -65,3 +65,22 @@ def test_integer_offset_int32_bias_shared_inputs_on_device(device):
     s = m.a.input_quantizer.quant_params()["scale"] * m.a.parametrizations.weight[0].quant_params()["scale"]
     k = m.a.bias / s
     assert k.device.type == device and (k - k.round()).abs().max() < 1e-3      # bias on the int32 grid
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_onnx_export_of_a_model_on_device(device, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    from slimtorch.export.onnx_export import export_onnx, ort_session
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6, 3)).to(device)
+    st.quantize_(m, st.LSQPlus(w_bits=4, a_bits=8, integer_offset=True, bias="int32"))
+    x = torch.randn(16, 2, 8, device=device)
+    st.calibrate(m, [(x,)])
+    with torch.no_grad():
+        want = m.eval()(x).cpu().numpy()
+    for kernels in ("qdq", "ort"):
+        path = export_onnx(m, tmp_path / f"{kernels}.onnx", (x[:2],), input_names=["x"], kernels=kernels)
+        got = ort_session(path).run(None, {"x": x.cpu().numpy()})[0]
+        assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+    assert next(m.parameters()).device.type == device

@@ -84,11 +84,12 @@ def test_ort_kernels_equal_qdq_kernels_in_onnxruntime(tmp_path):
         export_onnx(m, tmp_path / "c.onnx", (x[:2],), kernels="tensorrt")
 
 
-def test_bert_self_attention_fused_into_qattention(tmp_path):
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])      # additive float mask / bool mask
+def test_bert_self_attention_fused_into_qattention(attn, tmp_path):
     transformers = pytest.importorskip("transformers")
     from slimtorch.export.modelspec import HFEncoder
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=32, attn_implementation="eager")
+                                  intermediate_size=64, max_position_embeddings=32, attn_implementation=attn)
     torch.manual_seed(0)
     m = transformers.BertModel(cfg).eval()
     st.quantize_(m, st.LSQPlus(w_bits=8, a_bits=8, integer_offset=True, weights="per_channel"),
@@ -107,9 +108,14 @@ def test_bert_self_attention_fused_into_qattention(tmp_path):
     assert ops.count("QAttention") == 2 and "Softmax" not in ops
     with torch.no_grad():
         want = m(**feeds).last_hidden_state.numpy()
-    got = ort_session(path).run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+    sess = ort_session(path)
+    got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
     real = mask.bool().numpy()                                   # padded positions carry no meaning
-    assert np.abs(got - want)[real].max() <= 0.05 * np.abs(want).max()
+    assert np.abs(got - want)[real].max() <= 1e-3 * np.abs(want).max()
+    other = ids.clone()
+    other[~mask.bool()] = 7                                      # new tokens under the padding
+    moved = sess.run(None, {"input_ids": other.numpy(), "attention_mask": mask.numpy()})[0]
+    assert np.abs(moved - got)[real].max() <= 1e-5 * np.abs(want).max()
     plain = export_onnx(HFEncoder(m), tmp_path / "p.onnx", ex, dynamic_shapes=dyn)   # qdq: no fusion
     assert "QAttention" not in _ops(plain)
 

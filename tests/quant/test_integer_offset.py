@@ -73,3 +73,11 @@ def test_config_and_errors():
     aq = m[0].input_quantizer
     assert aq.integer_offset and aq.spec()["integer_offset"] is True
     assert "integer zero point" in repr(aq)
+
+
+def test_no_offset_gradient_while_the_zero_shift_is_clamped():
+    _, q = _pair(4, 0.5, 5.0)                        # beta / s = 10 > -q_n = 0: z clamped to 0
+    x = torch.linspace(-4, 12, 50)
+    q(x).sum().backward()
+    assert q.offset.grad.item() == 0.0
+    assert q.scale.grad is not None and q.scale.grad.abs().item() > 0

@@ -31,13 +31,21 @@ class QAttentionBlock(nn.Module):
         self.out_features = [m.out_features for m in (q, k, v)]
         w = torch.cat([lv.to(torch.int8).t() for lv, _ in levels], dim=1).contiguous()   # [in, 3*out]
         s = torch.cat([sc.reshape(-1).expand(n) for (_, sc), n in zip(levels, self.out_features)])
-        b = torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(m.out_features)
-                       for m in (q, k, v)])
+        b = torch.cat([m.bias.detach() if m.bias is not None
+                       else torch.zeros(m.out_features, device=m.weight.device) for m in (q, k, v)])
         self.register_buffer("w_int", w)
         self.register_buffer("w_scale", s.contiguous())
         self.register_buffer("bias", b.float())
 
+    @staticmethod
+    def additive(mask, dtype):
+        """HF passes either an additive float mask (0 = attend) or a bool mask (True = attend)."""
+        if mask is None or mask.is_floating_point():
+            return mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
     def _torch_forward(self, hidden, mask):
+        mask = self.additive(mask, hidden.dtype)
         x = self.act(hidden)
         qkv = x @ (self.w_int.float() * self.w_scale) + self.bias
         b, t, _ = hidden.shape
@@ -53,8 +61,9 @@ class QAttentionBlock(nn.Module):
             return self._torch_forward(hidden_states, attention_mask), None
         codes, zp = self.act.codes(hidden_states)
         mask = None
-        if attention_mask is not None:   # additive [B, 1, T, T] key-padding mask -> 1 = attend
-            mask = (attention_mask[:, 0, 0, :] == 0).to(torch.int32)
+        if attention_mask is not None:   # [B, 1, T, T] key-padding mask -> [B, T], 1 = attend
+            row = attention_mask[:, 0, 0, :]
+            mask = (row if row.dtype == torch.bool else row == 0).to(torch.int32)
         out = torch.onnx.ops.symbolic(
             "com.microsoft::QAttention",
             (codes, self.w_int, self.bias, self.act.scale, self.w_scale, mask,
@@ -96,13 +105,18 @@ def attention_blocks(model: nn.Module, layers: dict, acts: dict) -> dict:
 
 
 @torch.no_grad()
-def behaves_alike(module: nn.Module, block: QAttentionBlock, hidden: torch.Tensor) -> bool:
-    """Does ``block`` reproduce ``module`` on ``hidden``, without a mask and with the last key
-    padded out (HF's additive [B, 1, T, T] mask)?"""
+def behaves_alike(module: nn.Module, block: QAttentionBlock, hidden: torch.Tensor, seen_mask=None) -> bool:
+    """Does ``block`` reproduce ``module`` on ``hidden``: without a mask, with the last key padded
+    out in the form the model itself passes (``seen_mask``'s dtype: additive float or bool), and
+    with ``seen_mask``?"""
     b, t, _ = hidden.shape
-    pad = torch.zeros(b, 1, t, t, dtype=hidden.dtype)
-    pad[..., -1] = torch.finfo(hidden.dtype).min
-    for mask in (None, pad):
+    if seen_mask is not None and seen_mask.dtype == torch.bool:
+        pad = torch.ones(b, 1, t, t, dtype=torch.bool, device=hidden.device)
+        pad[..., -1] = False
+    else:
+        pad = torch.zeros(b, 1, t, t, dtype=hidden.dtype, device=hidden.device)
+        pad[..., -1] = torch.finfo(hidden.dtype).min
+    for mask in (None, pad) + ((seen_mask,) if seen_mask is not None else ()):
         want = module(hidden, attention_mask=mask)
         want = want[0] if isinstance(want, tuple) else want
         got = block(hidden, attention_mask=mask)[0]
@@ -137,6 +151,6 @@ def fusable_attention(model, layers, acts, args, kwargs) -> dict:
         x, mask = seen.get(n, (None, None))
         padding_only = mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4
                                         and torch.equal(mask, mask[:, :, :1, :].expand_as(mask)))
-        if isinstance(x, torch.Tensor) and x.dim() == 3 and padding_only and behaves_alike(m, blk, x):
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and padding_only and behaves_alike(m, blk, x, mask):
             out[n] = blk
     return out

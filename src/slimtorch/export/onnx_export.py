@@ -214,6 +214,7 @@ class _QLayer(nn.Module):
             self.register_buffer("w_scale", scale if scale.numel() > 1 else scale.reshape(()))
             self.fused = (kernels == "ort" and self.kind == "Linear" and self.act is not None
                           and levels.dtype == torch.int8 and not exact)
+            self.rounds_bias = self.rounds_bias and not self.fused   # MatMulIntegerToFloat adds it in float
         else:
             self.register_buffer("w_int", None)
             self.register_buffer("w_float", (w_hat.t().contiguous() if self.kind == "Linear" else w_hat).clone())
@@ -233,7 +234,7 @@ class _QLayer(nn.Module):
             return F.embedding(x, self.w_float, self.conv_args)
         if getattr(self, "fused", False) and torch.onnx.is_in_onnx_export():
             q, zp = self.act.codes(x)
-            bias = self.bias if self.bias is not None else torch.zeros(self.w_int.shape[1])
+            bias = self.bias if self.bias is not None else torch.zeros(self.w_int.shape[1], device=x.device)
             return matmul_int_to_float(q, zp, self.act.scale, self.w_int, self.w_scale, bias, x)
         if self.act is not None:
             x = self.act(x, add_offset=not self.fold)
@@ -253,8 +254,8 @@ def _shared_acts(quantizers, exact) -> dict:
     by_value, out = {}, {}
     for aq in quantizers:
         act = _Act(aq, exact)
-        key = (act.q_n, act.q_p, act.scale.numpy().tobytes(),
-               None if act.offset is None else act.offset.numpy().tobytes())
+        key = (act.q_n, act.q_p, act.scale.detach().cpu().numpy().tobytes(),
+               None if act.offset is None else act.offset.detach().cpu().numpy().tobytes())
         out[id(aq)] = by_value.setdefault(key, act)
     return out
 

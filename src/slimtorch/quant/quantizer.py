@@ -224,7 +224,9 @@ class LSQQuantizer(Quantizer):
         s = self.scale.clamp_min(EPS)
         if self.integer_offset:
             ratio = grad_scale(self.offset, g) / grad_scale(s, g)
-            z = self._zero_shift(s.detach()) + (ratio - ratio.detach())   # exact value, STE grad
+            z = self._zero_shift(s.detach())
+            free = (torch.round(ratio.detach()) == z).to(ratio.dtype)   # no gradient while clamped
+            z = z + (ratio - ratio.detach()) * free                      # exact value, STE grad
             return fake_quant(x, s, self.q_n + z, self.q_p + z, None, g)
         return fake_quant(x, s, self.q_n, self.q_p, self.offset, g)
 
