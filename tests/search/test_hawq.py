@@ -177,9 +177,11 @@ def test_config_registered_validated_and_errors(net_traces, tmp_path):
     cfg = config_from_dict({"method": "hawq", "bits": [8, 2, 4], "budget": "bytes", "target": 5000})
     assert cfg.bits == (2, 4, 8) and config_from_dict(config_to_dict(cfg)) == cfg
     for bad in ({"bits": [1]}, {"bits": []}, {"budget": "flops"}, {"target": -1}, {"search": "x"},
-                {"a_bits": [4], "tie_bits": True}):
+                {"a_bits": [4], "tie_bits": True}, {"patience": 0}, {"rel_stderr": 2.0}):
         with pytest.raises(ConfigError):
             HAWQConfig(**bad)
+    res = hawq_search(model, data, HAWQConfig(target=3.0, max_iter=30, rel_stderr=0.99), progress=False)
+    assert res.traces.converged and res.traces.iterations == 10     # the precision stop (>= 10 probes) is used
     with pytest.raises(ConfigError, match="feasible range"):
         hawq_search(model, data, HAWQConfig(budget="avg_bits", target=1.9), traces=traces, progress=False)
     with pytest.raises(ConfigError, match="feasible range"):

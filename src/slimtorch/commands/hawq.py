@@ -26,6 +26,8 @@ def register(subparsers):
     p.add_argument("--batches", type=int, help="batches per Hutchinson iteration")
     p.add_argument("--max-iter", type=int)
     p.add_argument("--tol", type=float)
+    p.add_argument("--patience", type=int, help="calm steps in a row for the tol rule (PyHessian: 1)")
+    p.add_argument("--rel-stderr", type=float, help="stop at this relative standard error instead")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="hawq_out", help="folder for plan.json and frontier.png")
     p.add_argument("--no-progress", action="store_true")
@@ -47,6 +49,7 @@ def run(args) -> int:
         from ..errors import ConfigError
         raise ConfigError(f"{args.config}: expected method: hawq, got {type(cfg).method}")
     over = {"budget": args.budget, "target": args.target, "max_iter": args.max_iter, "tol": args.tol,
+            "patience": args.patience, "rel_stderr": args.rel_stderr,
             "num_batches": args.batches, "seed": args.seed,
             "bits": tuple(int(b) for b in args.bits.split(",")) if args.bits else None}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})

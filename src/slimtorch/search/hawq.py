@@ -58,6 +58,8 @@ class HAWQConfig:
     negative: str = "clamp"
     max_iter: int = 200
     tol: float = 1e-3
+    patience: int = 2
+    rel_stderr: float | None = None
     num_batches: int | None = 4
     seed: int = 0
     include: tuple | None = None
@@ -89,6 +91,8 @@ class HAWQConfig:
         need(self.frozen in FROZEN_MODES, "frozen", f"one of {FROZEN_MODES}")
         need(isinstance(self.max_iter, int) and self.max_iter >= 1, "max_iter", "an integer >= 1")
         need(self.tol > 0, "tol", "> 0")
+        need(isinstance(self.patience, int) and self.patience >= 1, "patience", "an integer >= 1")
+        need(self.rel_stderr is None or 0 < self.rel_stderr < 1, "rel_stderr", "None or in (0, 1)")
         need(self.num_batches is None or (isinstance(self.num_batches, int) and self.num_batches >= 1),
              "num_batches", "None or an integer >= 1")
         need(isinstance(self.max_front, int) and self.max_front >= 100, "max_front", "an integer >= 100")
@@ -339,7 +343,7 @@ def hawq_search(model, data, config: HAWQConfig | None = None, *, loss_fn=None, 
     if traces is None:
         traces = hutchinson_traces(model, data if closure else batches, loss_fn, include=cfg.include,
                                    exclude=cfg.exclude, max_iter=cfg.max_iter, tol=cfg.tol,
-                                   num_batches=None, activations=need_act, frozen=cfg.frozen,
+                                   patience=cfg.patience, rel_stderr=cfg.rel_stderr, num_batches=None, activations=need_act, frozen=cfg.frozen,
                                    seed=cfg.seed, progress=progress)
     elif need_act and traces.act_traces is None:
         raise ConfigError("activation sensitivity needs traces computed with activations=True")
