@@ -22,12 +22,6 @@ from slimtorch.search.hessian import hutchinson_traces
 pytestmark = pytest.mark.filterwarnings("ignore:negative average Hessian trace")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _brute(costs, omegas, limit):

@@ -9,13 +9,6 @@ from slimtorch.errors import ConfigError, DataError, PatternError
 from slimtorch.search.hessian import hutchinson_traces
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP oversubscription on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _mlp_data(seed=0, d_in=24, hidden=32, classes=20, n=512):

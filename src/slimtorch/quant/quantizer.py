@@ -110,6 +110,16 @@ class Quantizer(nn.Module):
     def finish_observing(self):
         self.observing = False
 
+    def _observed_or_initialised(self, x: torch.Tensor) -> bool:
+        """Start of every forward: while calibrating, record x and return True (pass x through);
+        otherwise initialise from x on first use and return False."""
+        if self.observing:
+            self._observe(x)
+            return True
+        if not self._init_done:
+            self.initialize(x)
+        return False
+
 
 @register_quantizer
 class LSQQuantizer(Quantizer):
@@ -212,11 +222,8 @@ class LSQQuantizer(Quantizer):
 
     # -- calibration: observe data, pass it through unchanged, initialise at the end --
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing:
-            self._observe(x)
+        if self._observed_or_initialised(x):
             return x
-        if not self._init_done:
-            self.initialize(x)
         n = x.numel() / self.scale.numel()
         if self.role == "activation" and x.dim() > 1:
             n /= x.shape[0]

@@ -306,11 +306,8 @@ class UhlichBase(Quantizer):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing:
-            self._observe(x)
+        if self._observed_or_initialised(x):
             return x
-        if not self._init_done:
-            self.initialize(x)
         if self.role == "activation":
             self.sample_numel = x[0].numel() if x.dim() > 1 else x.numel()
         self._maybe_hook()
