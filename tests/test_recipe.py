@@ -37,6 +37,8 @@ def test_parse_builds_method_config():
     ({k: v for k, v in BASE.items() if k != "data"}, "data"),
     ({**BASE, "train": None}, "checkpoint"),
     ({**BASE, "seed": "x"}, "seed"),
+    ({**BASE, "export": {"onnx": "m.onnx", "onnx_kernels": "int8"}}, "onnx_kernels"),
+    ({**BASE, "export": {"onnx": "m.onnx", "onnx_fuse_skip_layernorm": "false"}}, "onnx_fuse_skip_layernorm"),
 ])
 def test_bad_recipes_name_the_problem(doc, match):
     with pytest.raises(ConfigError, match=match):

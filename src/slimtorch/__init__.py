@@ -12,11 +12,12 @@ from .search.penalty import MemoryBudget, freeze_bits_, penalty, read_plan, step
 from .search.hawq import HAWQConfig, hawq_plan, hawq_search
 from .search.hessian import hutchinson_traces
 from .export import export_onnx, load_packed, save_packed
+from .export.onnx_layernorm import unfuse_skip_layernorm_file
 
 __version__ = "0.1.0"
 
 __all__ = ["LSQ", "LSQPlus", "Uhlich", "calibrate", "quantize_", "quantized_layers", "share_input_quantizers", "report",
            "penalty", "step", "read_plan", "freeze_bits_", "MemoryBudget", "HAWQConfig", "hawq_plan", "hawq_search",
-           "hutchinson_traces", "save_packed", "load_packed", "export_onnx",
+           "hutchinson_traces", "save_packed", "load_packed", "export_onnx", "unfuse_skip_layernorm_file",
            "config_from_dict", "config_to_dict", "load_config", "save_config",
            "CheckpointError", "ConfigError", "DataError", "PatternError", "SlimtorchError"]

@@ -55,7 +55,8 @@ def _export(model, out: Path, recipe: Recipe, example) -> dict:
     info = {"path": str(path), "file_bytes": path.stat().st_size, "format": "slim"}
     if recipe.export.get("onnx"):
         onnx_path = out / recipe.export["onnx"]
-        export_onnx(model, onnx_path, example, kernels=recipe.export.get("onnx_kernels", "qdq"))
+        export_onnx(model, onnx_path, example, kernels=recipe.export.get("onnx_kernels", "qdq"),
+                    fuse_skip_layernorm=recipe.export.get("onnx_fuse_skip_layernorm", False))
         info["onnx"] = str(onnx_path)
     return info
 

@@ -9,7 +9,8 @@ up front, and an unknown key is an error that names it and lists the allowed one
     compress: {method: lsq+, w_bits: 4, a_bits: 4, include: null, exclude: null,
                plan: null, calibrate_batches: 8}     # method uhlich: learned bits + budget penalty
     finetune: {epochs: 3, lr: 0.0005, ...}                       # QAT after compress
-    export:   {path: model.slim, onnx: null, onnx_kernels: qdq}   # packed file (+ ONNX) in --out
+    export:   {path: model.slim, onnx: null, onnx_kernels: qdq,   # packed file (+ ONNX) in --out
+               onnx_fuse_skip_layernorm: false}
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ SECTIONS = {"seed", "data", "model", "train", "search", "compress", "finetune", 
 DATA_KEYS = {"name", "eval_batch_size", "options"}
 MODEL_KEYS = {"name", "kwargs", "checkpoint"}
 COMPRESS_SELECT = {"include", "exclude", "plan", "calibrate_batches"}
-EXPORT_KEYS = {"path", "onnx", "onnx_kernels"}
+EXPORT_KEYS = {"path", "onnx", "onnx_kernels", "onnx_fuse_skip_layernorm"}
 
 
 @dataclass
@@ -90,6 +91,11 @@ def parse_recipe(doc: dict, name: str = "recipe") -> Recipe:
         if select.get("plan") is not None:
             raise ConfigError(f"{name}: give either compress.plan or a search section, not both")
     export = _section(doc, "export", EXPORT_KEYS) or {}
+    if export.get("onnx_kernels", "qdq") not in ("qdq", "ort"):
+        raise ConfigError(f"{name}: export.onnx_kernels must be 'qdq' or 'ort', got {export['onnx_kernels']!r}")
+    if not isinstance(export.get("onnx_fuse_skip_layernorm", False), bool):
+        raise ConfigError(f"{name}: export.onnx_fuse_skip_layernorm must be true or false, "
+                          f"got {export['onnx_fuse_skip_layernorm']!r}")
     if train is None and not model.get("checkpoint"):
         raise ConfigError(f"{name}: give either a 'train' section or model.checkpoint (float weights)")
     return Recipe(doc.get("name", name), seed, data, model, train, compress, select, finetune, export, doc,

@@ -26,7 +26,7 @@ def register(subparsers):
     p.add_argument("--batches", type=int, help="batches per Hutchinson iteration")
     p.add_argument("--max-iter", type=int)
     p.add_argument("--tol", type=float)
-    p.add_argument("--patience", type=int, help="calm steps in a row for the tol rule (PyHessian: 1)")
+    p.add_argument("--patience", type=int, help="calm steps in a row for the tol rule (default 1, PyHessian's rule)")
     p.add_argument("--rel-stderr", type=float, help="stop at this relative standard error instead")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="hawq_out", help="folder for plan.json and frontier.png")

@@ -16,7 +16,9 @@ Each quantized layer is swapped (only for the duration of the export) for a modu
 Quantizers whose codes are not an affine grid (decode != (codes + q_n) * s) export float weights.
 onnxruntime fuses these patterns into integer kernels (MatMulIntegerToFloat, QLinearConv, QGemm);
 its Conv/Gemm fusions round the bias to int32 and requantize, so a rare code differs from PyTorch.
-``exact=True`` dequantizes with Cast/Sub/Mul instead: float kernels, PyTorch's arithmetic."""
+``exact=True`` dequantizes with Cast/Sub/Mul instead: float kernels, PyTorch's arithmetic.
+The written file gets onnx_layernorm.py's exact rewrite (residual Add -> LayerNorm kept off
+onnxruntime's slow CPU SkipLayerNormalization) unless ``fuse_skip_layernorm=True``."""
 from __future__ import annotations
 
 import contextlib
@@ -279,7 +281,7 @@ def _dynamic_batch(example_inputs):
 def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, output_names=None,
                 dynamic_shapes="batch", matmul_nbits: int = 0, nbits_accuracy: int = 0,
                 exact: bool = False, kernels: str = "qdq", opset: int | None = None,
-                check: bool = True) -> Path:
+                fuse_skip_layernorm: bool = False, check: bool = True) -> Path:
     """Export a quantized model (fake-quant, or ``load_packed(..., runtime="fakequant")``) to ONNX
     with torch's dynamo exporter (``opset`` None: the exporter's default, 20 in torch 2.13).
 
@@ -295,7 +297,10 @@ def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, out
     the bias fused; on MiniLM faster than the QDQ graph's separate
     bias Add; concatenating Q/K/V into one GEMM + Split was slower, so it is not done).
     Layers that share one input quantizer object (``share_input_quantizers``) share its
-    QuantizeLinear node. The model is unchanged."""
+    QuantizeLinear node. ``fuse_skip_layernorm``: False (default) rewrites each residual Add ->
+    LayerNormalization so onnxruntime's CPU keeps its fast LayerNorm kernel instead of fusing
+    its ~4x slower SkipLayerNormalization (exact; onnx_layernorm.py); True leaves the graph for
+    runtimes whose fused kernel is fast (GPU execution providers). The model is unchanged."""
     from .onnx_attention import fusable_attention
     if kernels not in ("qdq", "ort"):
         raise ConfigError(f"kernels must be 'qdq' or 'ort', got {kernels!r}")
@@ -350,6 +355,9 @@ def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, out
                       "code can differ from PyTorch now and then. Quantize with bias='int32' (and "
                       "integer_offset=True for LSQ+) for an exact match, or export with exact=True.",
                       stacklevel=3)
+    if not fuse_skip_layernorm:
+        from .onnx_layernorm import unfuse_skip_layernorm_file
+        unfuse_skip_layernorm_file(path)
     if check:
         import onnx
         onnx.checker.check_model(str(path))

@@ -57,7 +57,7 @@ class HAWQConfig:
     negative: str = "clamp"
     max_iter: int = 200
     tol: float = 1e-3
-    patience: int = 2
+    patience: int = 1
     rel_stderr: float | None = None
     num_batches: int | None = 4
     seed: int = 0

@@ -164,7 +164,7 @@ def _stderr(s1: torch.Tensor, s2: torch.Tensor, n: int) -> torch.Tensor:
 
 def hutchinson_traces(model: nn.Module, data, loss_fn: Callable | None = None, *, include=None,
                       exclude=None, max_iter: int = 200, tol: float = 1e-3, min_iter: int = 2,
-                      patience: int = 2, num_batches: int | None = 4, stop_on: str = "total",
+                      patience: int = 1, num_batches: int | None = 4, stop_on: str = "total",
                       activations: bool = False, frozen: str = "skip", seed: int = 0,
                       eps: float = 1e-6, rel_stderr: float | None = None,
                       progress: bool = True) -> TraceResult:
@@ -174,8 +174,8 @@ def hutchinson_traces(model: nn.Module, data, loss_fn: Callable | None = None, *
     HVPs averaged by batch size) or a closure ``data(model) -> loss``. ``loss_fn(model, batch)``
     defaults to :func:`default_loss`. Stops after ``max_iter`` iterations, or when the relative
     change of the running mean |m_k - m_(k-1)| / (|m_k| + eps) is below ``tol`` for ``patience``
-    consecutive iterations (``stop_on="total"``: summed trace, like PyHessian; ``"each"``: every
-    layer). ``rel_stderr``: instead, stop once the standard error of the mean is below this
+    consecutive iterations (1: PyHessian's rule; ``stop_on="total"``: summed trace, like PyHessian;
+    ``"each"``: every layer). ``rel_stderr``: instead, stop once the standard error of the mean is below this
     fraction of |mean| (summed trace or every layer, per ``stop_on``; at least 10 iterations): a
     statement about the estimate's precision, which the step rule is not.
     The model is in eval() mode during the estimate; modes and requires_grad are restored.
