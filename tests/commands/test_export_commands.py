@@ -53,3 +53,6 @@ def test_export_and_bench(slim, tmp_path, capsys):
         lines = capsys.readouterr().out.splitlines()
         assert lines[1].split() == ["batch", "p50", "ms", "p90", "ms", "p99", "ms", "runs"]
         assert [ln.split()[0] for ln in lines[2:]] == ["1", "4"]
+        assert main(["bench", f, "--batch", "2", "--runs", "3", "--warmup", "1", "--profile"]) == 0
+        out = capsys.readouterr().out
+        assert "batch 2: time per operator type" in out and "share" in out

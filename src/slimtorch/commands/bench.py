@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--max-seconds", type=float, default=30.0, help="time cap per batch size")
     p.add_argument("--runtime", choices=("float", "fakequant", "int8"), default="float",
                    help="load_packed runtime for .slim files")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the time per operator type at the largest batch (where the time goes)")
     add_model_args(p)
     p.set_defaults(func=_bench)
 
@@ -50,7 +52,8 @@ def _bench(args) -> int:
         from ..export.onnx_export import ort_session
         sess = ort_session(path, threads=args.threads)
         shape = [int(s) for s in args.input_shape.split(",")] if args.input_shape else None
-        runs = {b: (lambda f=_onnx_inputs(sess, b, args.seq, shape): sess.run(None, f)) for b in args.batch}
+        feeds = {b: _onnx_inputs(sess, b, args.seq, shape) for b in args.batch}
+        runs = {b: (lambda f=f: sess.run(None, f)) for b, f in feeds.items()}
         what = f"onnxruntime {args.threads} threads"
     else:
         model, spec, make = model_from_args(args, path, runtime=args.runtime)
@@ -65,4 +68,10 @@ def _bench(args) -> int:
         for b, fn in runs.items():
             r = latency(fn, args.runs, args.warmup, args.max_seconds)
             print(f"{b:>5}  {r['p50']:9.2f}  {r['p90']:9.2f}  {r['p99']:9.2f}  {r['n']:>4}")
+        if args.profile:
+            from ..runtime.op_profile import format_profile, onnx_op_profile, torch_op_profile
+            b = max(args.batch)
+            rows = (onnx_op_profile(path, feeds[b], threads=args.threads) if path.suffix == ".onnx"
+                    else torch_op_profile(runs[b]))
+            print(format_profile(rows, f"\nbatch {b}: time per operator type (3 runs after a warm-up)"))
     return 0
