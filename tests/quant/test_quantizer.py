@@ -41,6 +41,32 @@ def test_mse_init_minimises_error():
     assert err <= naive
 
 
+def test_mse_init_per_channel_minimises_each_channel():
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 5, 5) * torch.tensor([0.1, 1, 3, 0.5, 2, 10]).reshape(6, 1, 1, 1)
+    s, b, err = mse_init(w, -2, 1, False, scale_shape=(6, 1, 1, 1))
+    assert s.shape == err.shape == (6, 1, 1, 1) and b is None
+    rows = w.reshape(6, -1)
+    for c in range(6):
+        own, _, own_err = mse_init(rows[c], -2, 1, False)              # the channel on its own
+        assert err[c].item() <= own_err.item() * 1.02
+        for ds in (0.9, 1.1):
+            alt = (fake_quant(rows[c], s[c, 0, 0] * ds, -2, 1) - rows[c]).pow(2).mean()
+            assert err[c].item() <= alt.item() + 1e-7
+        minmax = (fake_quant(rows[c], rows[c].abs().max(), -2, 1) - rows[c]).pow(2).mean()
+        assert err[c].item() < 0.8 * minmax.item()                    # 2 bits: clipping pays
+
+
+def test_per_channel_mse_weight_quantizer_uses_mse_not_minmax():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 8)
+    q = LSQQuantizer(2, "weight", init="mse", scale_shape=(8, 1))
+    q.initialize(lin.weight)
+    err = (q(lin.weight) - lin.weight).pow(2).mean(1)
+    mm = (fake_quant(lin.weight, lin.weight.abs().amax(1, keepdim=True), -2, 1) - lin.weight).pow(2).mean(1)
+    assert (err < mm).all()
+
+
 def test_grad_scale_weights_and_activations():
     w = torch.randn(10, 20)
     q = LSQQuantizer(4, "weight")

@@ -48,59 +48,76 @@ def minmax_init(x, q_n, q_p, scale_shape, with_offset: bool):
 
 
 def _mse(x, s, b, q_n, q_p):
-    """Mean squared quantization error, per candidate: x (N,), s/b (K,1) -> (K,)."""
-    u = (x - b) / s if b is not None else x / s
+    """Mean squared quantization error of each row: x (C, N), s/b (C,) -> (C,)."""
+    s = s[:, None]
+    u = (x - b[:, None]) / s if b is not None else x / s
     xh = torch.clamp(torch.round(u), q_n, q_p) * s
     if b is not None:
-        xh = xh + b
+        xh = xh + b[:, None]
     return (xh - x).pow(2).mean(dim=1)
 
 
 @torch.no_grad()
 def _grid(x, q_n, q_p, with_offset, steps):
-    lo, hi = x.min(), x.max()
-    fr = torch.linspace(0.0, 0.6, steps, dtype=x.dtype, device=x.device)
+    """Best clipping range of each row of x (C, N) on a grid of candidates: (s, b, err), each (C,)."""
+    lo, hi = x.min(dim=1).values, x.max(dim=1).values
     if with_offset:
+        fr = torch.linspace(0.0, 0.6, steps, dtype=x.dtype, device=x.device)
+        a, c = (t.reshape(-1, 1) for t in torch.meshgrid(fr, fr, indexing="ij"))
         span = (hi - lo).clamp_min(EPS)
-        a, c = torch.meshgrid(fr, fr, indexing="ij")
-        los, his = lo + a.reshape(-1) * span, hi - c.reshape(-1) * span
+        los, his = lo + a * span, hi - c * span                      # (K, C)
         s = ((his - los) / (q_p - q_n)).clamp_min(EPS)
         b = los - q_n * s
-        s, b = s[:, None], b[:, None]
     else:
         amax = torch.maximum(lo.abs(), hi.abs()) if q_n < 0 else hi.clamp_min(EPS)
-        s = (amax * (1 - torch.linspace(0.0, 0.95, steps * 4, dtype=x.dtype, device=x.device)) / q_p)
-        s, b = s.clamp_min(EPS)[:, None], None
-    errs = torch.cat([_mse(x, s[i:i + 64], None if b is None else b[i:i + 64], q_n, q_p)
-                      for i in range(0, s.shape[0], 64)])
-    k = int(errs.argmin())
-    return s[k, 0], (None if b is None else b[k, 0]), errs[k]
+        shrink = 1 - torch.linspace(0.0, 0.95, steps * 4, dtype=x.dtype, device=x.device)
+        s, b = (amax * shrink[:, None] / q_p).clamp_min(EPS), None      # (K, C)
+    errs = torch.stack([_mse(x, s[k], None if b is None else b[k], q_n, q_p) for k in range(s.shape[0])])
+    k = errs.argmin(dim=0, keepdim=True)                                  # best candidate per row
+    pick = lambda t: t.gather(0, k)[0]                                    # noqa: E731
+    return pick(s), (None if b is None else pick(b)), pick(errs)
 
 
-def mse_init(x: torch.Tensor, q_n, q_p, with_offset: bool, *, max_samples=1 << 15,
+def mse_init(x: torch.Tensor, q_n, q_p, with_offset: bool, *, scale_shape=None, max_samples=1 << 15,
              grid_steps=16, refine_steps=60, seed=0):
-    """Minimise ||x - x_hat(s, beta)||^2 over a per-tensor (s, beta) (beta only with_offset).
+    """Minimise ||x - x_hat(s, beta)||^2 over (s, beta) (beta only with_offset), per tensor or, with
+    ``scale_shape`` (a per-channel quantizer's scale shape), per channel, each channel on its own.
 
-    Returns (s, beta, mse) as 0-dim tensors (beta None without offset)."""
-    x = x.detach().float().reshape(-1)
-    if x.numel() > max_samples:
+    Grid search over clipping ranges, then Adam on s/s0 and (beta - beta0)/s0 (lr 0.01: steps of 1%
+    of each channel's own scale), keeping each channel's best. Returns (s, beta, mse): 0-dim
+    tensors without ``scale_shape``, else shaped like it (beta None without offset)."""
+    v = _per_channel(x.detach().float(), scale_shape or (1,))
+    keep = max(max_samples // v.shape[0], min(v.shape[1], 4096))
+    if v.shape[1] > keep:                                                  # subsample columns
         g = torch.Generator(device="cpu").manual_seed(seed)
-        x = x[torch.randperm(x.numel(), generator=g)[:max_samples].to(x.device)]
-    s0, b0, err0 = _grid(x, q_n, q_p, with_offset, grid_steps)
-    best = (s0, b0, err0)
-    s = s0.clone().requires_grad_(True)
-    b = b0.clone().requires_grad_(True) if b0 is not None else None
-    opt = torch.optim.Adam([p for p in (s, b) if p is not None], lr=float(s0) * 0.01)
+        v = v[:, torch.randperm(v.shape[1], generator=g)[:keep].to(v.device)]
+    s0, b0, err0 = _grid(v, q_n, q_p, with_offset, grid_steps)
+    best = [s0, b0, err0]
+    u = torch.ones_like(s0, requires_grad=True)
+    w = torch.zeros_like(s0, requires_grad=True) if b0 is not None else None
+    opt = torch.optim.Adam([p for p in (u, w) if p is not None], lr=0.01)
+
+    def error():
+        s = (s0 * u).clamp_min(EPS)
+        b = None if w is None else b0 + s0 * w
+        xh = fake_quant(v, s[:, None], q_n, q_p, None if b is None else b[:, None])
+        return s, b, (xh - v).pow(2).mean(dim=1)
+
+    def keep_better(s, b, err):
+        better = err.detach() < best[2]
+        best[0] = torch.where(better, s.detach(), best[0])
+        best[1] = None if b is None else torch.where(better, b.detach(), best[1])
+        best[2] = torch.where(better, err.detach(), best[2])
     for _ in range(refine_steps):
         with torch.enable_grad():
-            err = (fake_quant(x, s.clamp_min(EPS), q_n, q_p, b) - x).pow(2).mean()
+            s, b, err = error()
             opt.zero_grad()
-            err.backward()
-        if err.detach() < best[2]:
-            best = (s.detach().clamp_min(EPS).clone(), None if b is None else b.detach().clone(), err.detach())
+            err.sum().backward()                     # rows are independent: each gets its own gradient
+        keep_better(s, b, err)
         opt.step()
     with torch.no_grad():
-        final = (fake_quant(x, s.clamp_min(EPS), q_n, q_p, b) - x).pow(2).mean()
-    if final < best[2]:
-        best = (s.detach().clamp_min(EPS).clone(), None if b is None else b.detach().clone(), final)
-    return best
+        keep_better(*error())
+    if scale_shape is None:
+        return best[0][0], (None if best[1] is None else best[1][0]), best[2][0]
+    shape = lambda t: None if t is None else t.reshape(scale_shape)      # noqa: E731
+    return shape(best[0]), shape(best[1]), shape(best[2])

@@ -204,16 +204,16 @@ class LSQQuantizer(Quantizer):
             self.scale.copy_(lsq_init(x, self.q_p, shape))
         elif self.init == "3sigma":
             self.scale.copy_(three_sigma_init(x, self._b, shape))
-        elif self.init == "minmax" or (self.init == "mse" and self.scale.numel() > 1):
+        elif self.init == "minmax":
             s, b = minmax_init(x, self.q_n, self.q_p, shape, self.learn_offset)
             self.scale.copy_(s)
             if b is not None:
                 self.offset.copy_(b)
-        else:  # mse, per-tensor
-            s, b, _ = mse_init(x, self.q_n, self.q_p, self.learn_offset)
-            self.scale.fill_(float(s))
+        else:  # mse: per tensor, or each channel on its own
+            s, b, _ = mse_init(x, self.q_n, self.q_p, self.learn_offset, scale_shape=shape)
+            self.scale.copy_(s)
             if b is not None:
-                self.offset.fill_(float(b))
+                self.offset.copy_(b)
         if self.learn_offset and self.init in ("lsq", "3sigma"):
             _, b = minmax_init(x, self.q_n, self.q_p, shape, True)
             self.offset.copy_(b)
