@@ -46,8 +46,8 @@ PTQ = st.LSQ(w_bits=4, a_bits=8, w_init=W_INIT, a_init="minmax")
 QAT = st.LSQPlus(w_bits=4, a_bits=8)
 
 
-def plan_bytes(net, plan, quant=PTQ):
-    return model_costs(st.quantize_(copy.deepcopy(net), quant, plan=plan))["bytes"]
+def plan_bytes(net, plan, quant=None):
+    return model_costs(st.quantize_(copy.deepcopy(net), quant or PTQ, plan=plan))["bytes"]
 
 
 def ptq_accuracy(net, plan, tr, te):
@@ -82,10 +82,15 @@ def main():
     ap.add_argument("--max-iter", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP thrashing on a shared box")
     ap.add_argument("--targets", default="4,3,2.5", help="approximate average bits of the budgets")
+    ap.add_argument("--weights", choices=("per_tensor", "per_channel"), default="per_tensor",
+                    help="weight-step granularity of PTQ, QAT and Omega (per_channel: own section)")
     ap.add_argument("--oracle", action="store_true",
                     help="at ~3 bits also run every maximal {2,4,8} plan within the budget (the grid's upper bound)")
     args = ap.parse_args()
     rseeds = args.seeds if args.random_seeds is None else args.random_seeds
+    global PTQ, QAT
+    PTQ, QAT = (dataclasses.replace(c, weights=args.weights) for c in (PTQ, QAT))
+    gran = args.weights.replace("_", "-")
     torch.set_num_threads(args.threads)
     s = SETUPS[args.model]
     t_start, load_start = time.time(), os.getloadavg()[0]
@@ -98,7 +103,7 @@ def main():
     t_trace = time.perf_counter() - t
     names = list(traces.traces)
     weights = {n: net.get_submodule(n).weight for n in names}
-    pert = {(n, b): weight_perturbation(weights[n], b, W_INIT) for n in names for b in (2, 3, 4, 8)}
+    pert = {(n, b): weight_perturbation(weights[n], b, W_INIT, args.weights == "per_channel") for n in names for b in (2, 3, 4, 8)}
 
     def omega(plan):
         return sum(_effective(traces.traces[n], "clamp") * pert[(n, plan[n]["w_bits"])] for n in names)
@@ -154,7 +159,8 @@ def main():
     oracle_txt = []
     for label in args.targets.split(","):
         target = budgets[label]
-        res = hawq_search(net, hess_batches, HAWQConfig(budget="bytes", target=target, w_init=W_INIT), quant=PTQ,
+        res = hawq_search(net, hess_batches, HAWQConfig(budget="bytes", target=target, w_init=W_INIT,
+                                                        per_channel=args.weights == "per_channel"), quant=PTQ,
                           traces=traces, progress=False)
         feas = sorted(((b, i) for i, b in enumerate(every_bytes) if b <= target), reverse=True)
         near = [i for b, i in feas if b >= 0.85 * target]
@@ -164,7 +170,8 @@ def main():
         cands = [("HAWQ-V2 (exact)", res.plan)]
         if label != "4":  # with 3 in the grid, uniform 3-bit is a candidate plan of the search
             r3 = hawq_search(net, hess_batches, HAWQConfig(bits=(2, 3, 4, 8), budget="bytes", target=target,
-                                                           w_init=W_INIT), quant=PTQ, traces=traces, progress=False)
+                                                           w_init=W_INIT, per_channel=args.weights == "per_channel"),
+                             quant=PTQ, traces=traces, progress=False)
             cands.append(("HAWQ-V2, bits {2,3,4,8}", r3.plan))
         if res.monotone is not None:
             cands.append(("monotone (NNCF)", res.monotone["plan"]))
@@ -223,10 +230,10 @@ def main():
     body = "\n".join([
         f"{s['label']}: FP32 {fp32:.2f}% (trained {s['float'].epochs} epochs). Hutchinson traces on 4 x 256 "
         f"training samples: {traces.iterations} iterations, {t_trace:.1f} s; average traces {tr_txt}. "
-        f"Budget = model bytes (budget.model_costs, per-tensor W, 8-bit A) of uniform 4-bit, of uniform "
+        f"Budget = model bytes (budget.model_costs, {gran} W, 8-bit A) of uniform 4-bit, of uniform "
         f"3-bit, and halfway between uniform 2- and 3-bit (~2.5 bits); candidate bits {{2, 4, 8}} (so "
         f"uniform 3-bit is off the grid and holds more bytes than any grid plan under its budget). PTQ: "
-        f"per-tensor MSE-optimal weight steps (also used for Omega), calibrated 8-bit min-max activations, "
+        f"{gran} MSE-optimal weight steps (also used for Omega), calibrated 8-bit min-max activations, "
         f"no training (deterministic: one run). QAT: LSQ+ (8-bit A), {s['qat'].epochs} "
         f"epoch(s) on {len(qds)} samples, repeated with seeds 0..{args.seeds - 1} ({args.seeds} seeds; the "
         f"seed sets the calibration batches and their activation subsample, the QAT shuffling and train()'s "
@@ -243,7 +250,8 @@ def main():
         f"uniform 2-bit) and > mean of {args.random} random plans, after PTQ and after QAT (seed means): {verdict}.",
         *(["", *oracle_txt] if oracle_txt else []),
     ])
-    write_section(f"HAWQ-V2 allocation: {s['label']} (issue 5)", body)
+    title = f"HAWQ-V2 allocation: {s['label']}" + (" (per-channel weights)" if gran == "per-channel" else "")
+    write_section(f"{title} (issue 5)", body)
     print(body)
 
 

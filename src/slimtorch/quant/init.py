@@ -95,7 +95,8 @@ def mse_init(x: torch.Tensor, q_n, q_p, with_offset: bool, *, scale_shape=None, 
     best = [s0, b0, err0]
     u = torch.ones_like(s0, requires_grad=True)
     w = torch.zeros_like(s0, requires_grad=True) if b0 is not None else None
-    opt = torch.optim.Adam([p for p in (u, w) if p is not None], lr=0.01)
+    # eps scaled by s0: for one row exactly Adam on (s, beta) with lr 0.01 * s0 and eps 1e-8
+    opt = torch.optim.Adam([p for p in (u, w) if p is not None], lr=0.01, eps=1e-8 * float(s0.mean()))
 
     def error():
         s = (s0 * u).clamp_min(EPS)
