@@ -299,8 +299,8 @@ def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, out
     Layers that share one input quantizer object (``share_input_quantizers``) share its
     QuantizeLinear node. ``fuse_skip_layernorm``: False (default) rewrites each residual Add ->
     LayerNormalization so onnxruntime's CPU keeps its fast LayerNorm kernel instead of fusing
-    its ~4x slower SkipLayerNormalization (exact; onnx_layernorm.py); True leaves the graph for
-    runtimes whose fused kernel is fast (GPU execution providers). The model is unchanged."""
+    its SkipLayerNormalization (2.6x the kernel time on MiniLM, RESULTS.md; exact, see
+    onnx_layernorm.py); True leaves the graph for runtimes whose fused kernel is fast (GPU). The model is unchanged."""
     from .onnx_attention import fusable_attention
     if kernels not in ("qdq", "ort"):
         raise ConfigError(f"kernels must be 'qdq' or 'ort', got {kernels!r}")

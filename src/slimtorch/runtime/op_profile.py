@@ -33,14 +33,20 @@ def onnx_op_profile(path, feeds: dict, threads: int = 2, runs: int = 3, top: int
         for _ in range(runs):
             sess.run(None, feeds)
         trace = json.loads(Path(sess.end_profiling()).read_text())
-    totals: Counter = Counter()
+    return _rows(kernel_ms_after_warmup(trace), runs, top)
+
+
+def kernel_ms_after_warmup(trace: list) -> Counter:
+    """Kernel milliseconds per operator type in an onnxruntime profiler trace, leaving out the
+    nodes of the first ``model_run`` (the warm-up)."""
     model_runs = sorted((e for e in trace if e.get("name") == "model_run"), key=lambda e: e["ts"])
-    warm_end = model_runs[0]["ts"] + model_runs[0]["dur"] if model_runs else None   # skip the warm-up
+    warm_end = model_runs[0]["ts"] + model_runs[0]["dur"] if model_runs else None
+    totals: Counter = Counter()
     for e in trace:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and \
                 (warm_end is None or e["ts"] >= warm_end):
             totals[e["args"]["op_name"]] += e["dur"] / 1e3
-    return _rows(totals, runs, top)
+    return totals
 
 
 def torch_op_profile(fn, runs: int = 3, top: int = 12) -> list:
