@@ -106,7 +106,7 @@ def test_file_is_plain_safetensors_with_documented_layout(tmp_path):
     assert "model/a.parametrizations.weight.original" in keys
     assert "model/a.parametrizations.weight.0.scale" in keys
     assert "rng/torch" in keys and "optim/state/0/exp_avg" in keys and "optim/state/0/step" in keys
-    assert meta["format"] == "slimtorch-checkpoint" and meta["version"] == 1
+    assert meta["format"] == "slimtorch-checkpoint" and meta["version"] == 2
     assert meta["trainer_state"] == {"epoch": 1}
 
 
@@ -226,3 +226,56 @@ def test_optimizer_state_missing_or_mismatched(tmp_path):
     other = torch.optim.Adam([{"params": [model.a.bias]}, {"params": [model.b.bias]}])
     with pytest.raises(CheckpointError, match="optimizer state does not fit"):
         load_checkpoint(path, model=model, optimizer=other)
+
+
+def _data_start(data: bytes) -> int:
+    return 8 + int.from_bytes(data[:8], "little")
+
+
+def test_every_data_byte_flip_is_refused(tmp_path):
+    """SHA-256 of the data: a flipped byte anywhere in the tensors is refused, naming the path."""
+    good = tmp_path / "good.st"
+    model = Net()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    save_checkpoint(good, model=model, optimizer=opt, trainer_state={"epoch": 1})
+    data = good.read_bytes()
+    start = _data_start(data)
+    for i, pos in enumerate(np.random.default_rng(0).integers(start, len(data), 24)):
+        bad = bytearray(data)
+        bad[pos] ^= 1 << (i % 8)
+        path = tmp_path / f"flip{i}.st"
+        path.write_bytes(bytes(bad))
+        with pytest.raises(CheckpointError, match="SHA-256 of its tensor data") as info:
+            read_checkpoint(path)
+        assert str(path) in str(info.value)
+
+
+def test_edited_metadata_with_valid_safetensors_is_refused(tmp_path):
+    """A checkpoint rewritten by another tool with changed trainer state keeps its old digest: refused."""
+    good = tmp_path / "good.st"
+    save_checkpoint(good, model=nn.Linear(3, 3), trainer_state={"epoch": 1})
+    with safe_open(str(good), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        md = dict(f.metadata())
+    meta = json.loads(md["slimtorch"])
+    meta["trainer_state"]["epoch"] = 7
+    md["slimtorch"] = json.dumps(meta)
+    path = tmp_path / "edited.st"
+    save_file(tensors, str(path), metadata=md)
+    with pytest.raises(CheckpointError, match="SHA-256 of its header"):
+        read_checkpoint(path)
+
+
+def test_version_1_files_still_load_with_a_warning(tmp_path):
+    good = tmp_path / "good.st"
+    save_checkpoint(good, model=nn.Linear(3, 3), trainer_state={"epoch": 1})
+    with safe_open(str(good), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["slimtorch"])
+    meta["version"] = 1
+    old = tmp_path / "v1.st"
+    save_file(tensors, str(old), metadata={"slimtorch": json.dumps(meta)})
+    with pytest.warns(UserWarning, match="no checksum"):
+        assert read_checkpoint(old)["trainer_state"] == {"epoch": 1}

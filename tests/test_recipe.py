@@ -20,7 +20,7 @@ def _with(section, **kv):
 def test_parse_builds_method_config():
     r = parse_recipe(BASE)
     assert isinstance(r.compress, LSQPlus) and r.compress.w_bits == 4
-    assert r.select == {"include": ["fc*"]} and r.seed == 1
+    assert r.select == {"include": ("fc*",)} and r.seed == 1
 
 
 @pytest.mark.parametrize("doc,match", [

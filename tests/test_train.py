@@ -209,3 +209,22 @@ def test_distillation_loss_matches_hand_formula():
         assert distillation_loss(s, t, yb, alpha, T).item() == pytest.approx(expected.item(), rel=1e-5)
     assert hist["steps"][0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert not torch.equal(student[0].weight, ref[0].weight)  # it trained
+
+
+def test_resume_with_other_settings_is_refused_and_names_them(tmp_path, capsys):
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    batches = lambda epoch: [(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]   # noqa: E731
+    model = torch.nn.Linear(4, 2)
+    ck = tmp_path / "t.ckpt"
+    cfg = TrainConfig(epochs=2, lr=0.1, progress=False, checkpoint_every=1)
+
+    def boom(m, step):
+        if step == 6:
+            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError):
+        train(model, batches, cfg, checkpoint_path=ck, on_step=boom)
+    with pytest.raises(ConfigError, match=r"lr=0\.1 \(now 0\.2\)"):
+        train(model, batches, TrainConfig(epochs=2, lr=0.2, progress=False), checkpoint_path=ck, resume=True)
+    train(model, batches, TrainConfig(epochs=2, lr=0.1, log_every=3), checkpoint_path=ck, resume=True)
+    assert f"resuming from {ck} (epoch 1/2, step 1 of that epoch" in capsys.readouterr().err

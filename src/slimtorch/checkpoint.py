@@ -5,8 +5,12 @@ Layout of the file (a plain safetensors file any safetensors reader can open):
 * tensors ``model/<state_dict key>``, ``optim/...`` (optimizer state tensors, e.g.
   ``optim/state/0/exp_avg``, ``optim/state/0/step``), ``sched/...``, ``trainer/...``,
   ``extra/<name>``, ``rng/torch`` and ``rng/cuda/<i>`` (uint8 RNG states);
-* metadata key ``"slimtorch"``: a JSON string ``{"format": "slimtorch-checkpoint", "version": 1,
-  "model_objects", "optimizer", "scheduler", "trainer_state", "rng", "extra"}``. Nested values are
+* metadata key ``"slimtorch"``: a JSON string ``{"format": "slimtorch-checkpoint", "version": 2,
+  "model_objects", "optimizer", "scheduler", "trainer_state", "rng", "extra"}``;
+* metadata keys ``"sha256.header"`` (SHA-256 of the ``"slimtorch"`` text and the canonical tensor
+  index: names, dtypes, shapes) and ``"sha256.data"`` (SHA-256 of every tensor's name and bytes, in
+  name order). Both are verified on every load, so a flipped byte anywhere is refused with the
+  path and what failed. Version 1 files (no checksums) are still read, with a warning. Nested values are
   plain JSON; tensors are replaced by ``{"__tensor__": name}``, tuples by ``{"__tuple__": [...]}``,
   dicts with non-string keys by ``{"__dict__": [[k, v], ...]}``, numpy arrays by
   ``{"__ndarray__": [...], "dtype": ...}``. So optimizer ``step`` values round-trip exactly:
@@ -15,9 +19,11 @@ Layout of the file (a plain safetensors file any safetensors reader can open):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +36,7 @@ from slimtorch.atomic import atomic_path
 from slimtorch.errors import CheckpointError
 
 FORMAT = "slimtorch-checkpoint"
-VERSION = 1
+VERSION = 2
 _MARKERS = ("__tensor__", "__tuple__", "__dict__", "__ndarray__")
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "apply_checkpoint", "restore_rng", "FORMAT", "VERSION"]
@@ -106,7 +112,26 @@ def _rng_state(tensors: dict) -> dict:
             "numpy": _encode(np.random.get_state(), "rng/numpy", tensors), "cuda": n_cuda}
 
 
-def _atomic_write(path: Path, tensors: dict, metadata: dict) -> None:
+def _index_digest(text: str, tensors: dict) -> str:
+    """SHA-256 of the metadata text and the tensor index (name, dtype, shape), in name order."""
+    index = {k: [str(v.dtype), list(v.shape)] for k, v in sorted(tensors.items())}
+    return hashlib.sha256(text.encode() + b"\0" + json.dumps(index).encode()).hexdigest()
+
+
+def _data_digest(tensors: dict) -> str:
+    """SHA-256 of every tensor's name and raw bytes, in name order (CPU, contiguous tensors)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k]
+        h.update(k.encode() + b"\0")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, tensors: dict, text: str) -> None:
+    metadata = {"slimtorch": text, "sha256.header": _index_digest(text, tensors),
+                "sha256.data": _data_digest(tensors)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -145,12 +170,12 @@ def save_checkpoint(path, *, model: torch.nn.Module, optimizer=None, scheduler=N
         text = json.dumps(meta)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint metadata is not serialisable: {e}") from e
-    _atomic_write(path, tensors, {"slimtorch": text})
+    _atomic_write(path, tensors, text)
     return path
 
 
 # --------------------------------------------------------------------------- load
-def _read_header(path: Path) -> tuple[dict, dict]:
+def _read_header(path: Path) -> tuple[dict, dict, dict]:
     """Parse and check the safetensors header ourselves so that every failure has a clear reason."""
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -181,7 +206,7 @@ def _read_header(path: Path) -> tuple[dict, dict]:
                               "'slimtorch' metadata")
     try:
         meta = json.loads(text)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is not a slimtorch checkpoint: its 'slimtorch' metadata is "
                               f"not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -189,7 +214,10 @@ def _read_header(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"{path} is not a slimtorch checkpoint (format {fmt!r}, "
                               f"expected {FORMAT!r})")
     version = meta.get("version")
-    if not isinstance(version, int) or version > VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path} is corrupt: checkpoint format version {version!r} is not a "
+                              "positive integer")
+    if version > VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {version!r}, newer than this "
                               f"slimtorch supports ({VERSION}); upgrade slimtorch to read it")
     try:
@@ -201,7 +229,33 @@ def _read_header(path: Path) -> tuple[dict, dict]:
     if size != 8 + n + end:
         what = "truncated" if size < 8 + n + end else "corrupt (trailing bytes)"
         raise CheckpointError(f"{path} is {what}: expected {8 + n + end} bytes, found {size}")
-    return header, meta
+    if version >= 2 and md.get("sha256.header") != _index_digest(text, _index_shapes(header, path)):
+        raise CheckpointError(f"{path} is corrupt: SHA-256 of its header does not match (edited or "
+                              "damaged metadata or tensor index)")
+    return header, meta, md
+
+
+class _Shape:
+    """Stands in for a tensor in the header digest: only dtype and shape are read."""
+    def __init__(self, dtype, shape):
+        self.dtype, self.shape = dtype, shape
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _index_shapes(header: dict, path) -> dict:
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        if not isinstance(v, dict) or v.get("dtype") not in _ST_DTYPES or not isinstance(v.get("shape"), list):
+            raise CheckpointError(f"{path} is corrupt: tensor entry {k!r} of its safetensors header "
+                                  "is malformed")
+        out[k] = _Shape(_ST_DTYPES[v["dtype"]], v["shape"])
+    return out
 
 
 def read_checkpoint(path) -> dict:
@@ -215,12 +269,19 @@ def read_checkpoint(path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
-    header, meta = _read_header(path)
+    header, meta, md = _read_header(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{path} is corrupt: safetensors could not read it ({e})") from None
+    if meta["version"] >= 2:
+        if md.get("sha256.data") != _data_digest(tensors):
+            raise CheckpointError(f"{path} is corrupt: SHA-256 of its tensor data does not match "
+                                  "(damaged on disk or edited); refusing to load it")
+    else:
+        warnings.warn(f"{path}: checkpoint format version 1 carries no checksum; its data cannot be "
+                      "verified", stacklevel=2)
     missing = sorted(_tensor_refs(meta, set()) - set(tensors))
     if missing:
         raise CheckpointError(f"{path} is corrupt: metadata refers to missing tensors {missing[:10]}")

@@ -82,20 +82,16 @@ def config_to_dict(cfg) -> dict:
 
 
 def config_from_dict(data: dict, where: str = "config"):
+    """Rebuild a registered config from ``{"method": name, ...}``; every field typed strictly
+    (see schema.py) and range-checked, errors naming ``where`` and the field."""
+    from .schema import build
+
     if not isinstance(data, dict) or "method" not in data:
         raise ConfigError(f"{where}: needs a 'method' key, one of {known_methods()}")
     name = data["method"]
-    if name not in _CONFIGS:
+    if not isinstance(name, str) or name not in _CONFIGS:
         raise ConfigError(f"{where}: unknown method {name!r}; known methods: {known_methods()}")
-    cls = _CONFIGS[name]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    body = {k: v for k, v in data.items() if k != "method"}
-    check_keys(body, fields, f"{where} ({name})")
-    body = {k: tuple(v) if isinstance(v, list) else v for k, v in body.items()}
-    try:
-        return cls(**body)
-    except TypeError as e:
-        raise ConfigError(f"{where} ({name}): {e}") from None
+    return build(_CONFIGS[name], {k: v for k, v in data.items() if k != "method"}, f"{where} ({name})")
 
 
 def save_config(cfg, path) -> None:
@@ -106,14 +102,10 @@ def save_config(cfg, path) -> None:
 
 
 def load_yaml(path) -> Any:
-    """Read a YAML/JSON file with the safe loader; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML/JSON: {e}") from None
+    """Read a YAML/JSON file with the strict safe loader (safe_yaml.py); errors name the file."""
+    from .safe_yaml import load_file
+
+    return load_file(path)
 
 
 def load_config(path):

@@ -2,7 +2,10 @@
 
 data -> model -> float training (or float checkpoint) -> evaluate -> quantize_ + calibrate ->
 fine-tune (QAT) -> evaluate -> report -> packed export -> metrics.json + report.md.
-Each training stage checkpoints atomically in the output folder; ``resume=True`` continues there."""
+Each training stage checkpoints atomically in the output folder; ``resume=True`` continues there.
+Every generator is seeded from the recipe before anything is built, so two runs of a recipe give the
+same bytes; model-dependent checks (preflight.py) run before training; stale temporary files of a
+killed run are removed at the start."""
 from __future__ import annotations
 
 import json
@@ -12,17 +15,18 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, remove_stale_temporaries
 from .checkpoint import load_checkpoint
 from .data import load_dataset, make_loaders
 from .errors import CheckpointError, ConfigError
 from .export import export_onnx, save_packed
 from .models import build_model
+from .preflight import preflight
 from .quant import calibrate, quantize_
 from .recipe import Recipe
 from .report import report
 from .search.penalty import penalty, read_plan, step
-from .train import TrainConfig, evaluate, train
+from .train import TrainConfig, evaluate, seed_everything, train
 
 
 def load_float_weights(model: torch.nn.Module, path) -> None:
@@ -50,22 +54,24 @@ def _train_config(section: dict, seed: int) -> TrainConfig:
 
 def _export(model, out: Path, recipe: Recipe, example) -> dict:
     """The packed file (bit-packed codes + safetensors/JSON), and ONNX when the recipe asks."""
-    path = out / recipe.export.get("path", "model.slim")
-    save_packed(model, path)
-    info = {"path": str(path), "file_bytes": path.stat().st_size, "format": "slim"}
+    name = recipe.export.get("path", "model.slim")
+    save_packed(model, out / name)
+    info = {"path": name, "file_bytes": (out / name).stat().st_size, "format": "slim"}
     if recipe.export.get("onnx"):
-        onnx_path = out / recipe.export["onnx"]
-        export_onnx(model, onnx_path, example, kernels=recipe.export.get("onnx_kernels", "qdq"),
+        export_onnx(model, out / recipe.export["onnx"], example, kernels=recipe.export.get("onnx_kernels", "qdq"),
                     fuse_skip_layernorm=recipe.export.get("onnx_fuse_skip_layernorm", False))
-        info["onnx"] = str(onnx_path)
+        info["onnx"] = recipe.export["onnx"]
     return info
 
 
 def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool = True) -> dict:
-    """Execute ``recipe`` writing into ``out_dir``; returns the metrics (also in metrics.json)."""
+    """Execute ``recipe`` writing into ``out_dir``; returns the metrics (also in metrics.json).
+    File paths in the metrics are relative to ``out_dir``; wall times are under ``timing``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     t0 = time.time()
+    seed_everything(recipe.seed)     # before the data and the model: their init draws from it
     bundle = load_dataset(recipe.data["name"], **recipe.data.get("options", {}))
     kwargs = {"num_classes": bundle.num_classes, **recipe.model.get("kwargs", {})}
     model = build_model(recipe.model["name"], **kwargs)
@@ -78,7 +84,9 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
         tr, te = make_loaders(bundle, batch_size=cfg.batch_size, seed=recipe.seed, test_batch_size=eval_bs)
         return cfg, tr, te
 
-    metrics: dict = {"recipe": recipe.name, "dataset": bundle.name, "model": recipe.model["name"]}
+    preflight(model, recipe, loaders(recipe.finetune if recipe.compress else recipe.train)[1].batches(0))
+    metrics: dict = {"recipe": recipe.name, "dataset": bundle.name, "model": recipe.model["name"],
+                     "seed": recipe.seed, "timing": {}}
     if recipe.model.get("checkpoint"):
         load_float_weights(model, recipe.model["checkpoint"])
         _, _, test = loaders(recipe.train)
@@ -87,7 +95,7 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
         train(model, tr.batches, cfg, checkpoint_path=out / "float.ckpt", resume=resume)
     metrics["fp32_accuracy"] = evaluate(model, test.batches(0))["accuracy"]
     metrics["fp32_size_bytes"] = report(model).totals["fp32_bytes"]
-    metrics["fp32_seconds"] = round(time.time() - t0, 2)
+    metrics["timing"]["fp32_seconds"] = round(time.time() - t0, 2)
 
     if recipe.compress is not None:
         sel = recipe.select
@@ -111,7 +119,7 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
     metrics["layers"] = [{k: r[k] for k in ("name", "kind", "w_bits", "a_bits", "params", "bytes")}
                          for r in rep.rows]
     metrics["export"] = _export(model, out, recipe, next(iter(test.batches(0)))[0][:1])
-    metrics["seconds"] = round(time.time() - t0, 2)
+    metrics["timing"]["seconds"] = round(time.time() - t0, 2)
     _write_json(out / "metrics.json", metrics)
     (out / "report.md").write_text(_markdown(metrics, rep))
     return metrics

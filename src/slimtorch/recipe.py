@@ -1,5 +1,8 @@
-"""Recipes: the YAML/JSON document ``slimtorch run`` executes. Every section and key is validated
-up front, and an unknown key is an error that names it and lists the allowed ones.
+"""Recipes: the YAML/JSON document ``slimtorch run`` executes. One validation pass before any work:
+every section is a mapping, every key known, every value typed strictly (schema.py: pydantic v2 in
+strict mode, from the annotations of the section dataclasses below and of the method configs) and
+range-checked; dataset options and model kwargs are checked against the loader's / factory's own
+signature. What depends on the model is checked by ``pipeline.preflight`` right after it is built.
 
     seed: 0
     data:     {name: digits, eval_batch_size: 256, options: {}}   # batch_size: in train/finetune
@@ -14,18 +17,81 @@ up front, and an unknown key is an error that names it and lists the allowed one
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal, Optional, Union
 
-from .config import check_keys, config_from_dict, load_yaml
+from .config import config_from_dict, load_yaml
 from .errors import ConfigError
+from .schema import build, check_call, check_mapping
 
-SECTIONS = {"seed", "data", "model", "train", "search", "compress", "finetune", "export", "name",
-            "description"}
-DATA_KEYS = {"name", "eval_batch_size", "options"}
-MODEL_KEYS = {"name", "kwargs", "checkpoint"}
-COMPRESS_SELECT = {"include", "exclude", "plan", "calibrate_batches"}
-EXPORT_KEYS = {"path", "onnx", "onnx_kernels", "onnx_fuse_skip_layernorm"}
+SECTIONS = ("name", "description", "seed", "data", "model", "train", "search", "compress", "finetune",
+            "export")
+Globs = Optional[Union[str, tuple[str, ...]]]
+PlanEntry = Union[int, dict[str, Optional[int]]]
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    name: str
+    eval_batch_size: int = 256
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _need(self.name != "", "name must not be empty")
+        _need(self.eval_batch_size >= 1, f"eval_batch_size={self.eval_batch_size}: expected an integer >= 1")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Optional[str] = None
+
+    def __post_init__(self):
+        _need(self.name != "", "name must not be empty")
+
+
+@dataclass(frozen=True)
+class SelectSection:
+    """The compress keys that choose layers and calibration (the rest is the method config)."""
+    include: Globs = None
+    exclude: Globs = None
+    plan: Optional[dict[str, PlanEntry]] = None
+    calibrate_batches: int = 8
+
+    def __post_init__(self):
+        from .quant.quantizer import check_bits
+
+        _need(self.calibrate_batches >= 1,
+              f"calibrate_batches={self.calibrate_batches}: expected an integer >= 1")
+        for name, entry in (self.plan or {}).items():
+            bits = {"w_bits": entry} if isinstance(entry, int) else entry
+            bad = sorted(set(bits) - {"w_bits", "a_bits"})
+            _need(not bad, f"plan[{name!r}]: unknown key(s) {bad}; use w_bits, a_bits")
+            for k, b in bits.items():
+                if b is not None or k == "w_bits":
+                    check_bits(b, f"plan[{name!r}].{k}")
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    path: str = "model.slim"
+    onnx: Optional[str] = None
+    onnx_kernels: Literal["qdq", "ort"] = "qdq"
+    onnx_fuse_skip_layernorm: bool = False
+
+    def __post_init__(self):
+        for key in ("path", "onnx"):
+            v = getattr(self, key)
+            _need(v is None or (v != "" and not Path(v).is_absolute() and ".." not in Path(v).parts),
+                  f"{key}={v!r}: expected a file name inside the output folder")
 
 
 @dataclass
@@ -43,63 +109,74 @@ class Recipe:
     search: object | None = None     # a search config (HAWQConfig) producing the plan
 
 
-def _section(doc, key, allowed, required=False):
-    if key not in doc or doc[key] is None:
-        if required:
-            raise ConfigError(f"recipe: missing section '{key}'")
+def _given(section_cls, doc: dict, key: str, where: str) -> dict | None:
+    """A validated section as the dict of the keys the recipe gave (None when absent)."""
+    if doc.get(key) is None:
         return None
-    check_keys(doc[key], allowed, f"recipe section '{key}'")
-    return dict(doc[key])
+    obj = build(section_cls, doc[key], f"{where}: {key}")
+    return {k: getattr(obj, k) for k in doc[key]}
+
+
+def _factory_checks(data: dict, model: dict, where: str) -> None:
+    """Dataset options and model kwargs against the loader's / factory's signature (names and types)."""
+    from .data.datasets import _REGISTRY, _key
+    from .models.zoo import _import_factory, model_spec
+
+    loader = _REGISTRY.get(_key(data["name"]))
+    if loader is None:
+        from .data import list_datasets
+        from .errors import DataError
+        raise DataError(f"{where}: data.name {data['name']!r} is not a known dataset; known: "
+                          f"{', '.join(list_datasets())}")
+    data["options"] = check_call(loader, data.get("options", {}), f"{where}: data.options")
+    name = model["name"]
+    factory = _import_factory(name) if ":" in name else model_spec(name).factory
+    model["kwargs"] = check_call(factory, model.get("kwargs", {}), f"{where}: model.kwargs")
 
 
 def parse_recipe(doc: dict, name: str = "recipe") -> Recipe:
-    """Validate a recipe document (a dict) and build the method config it names."""
-    from .train import TrainConfig  # validates train/finetune keys and values
-    import dataclasses
+    """Validate a whole recipe document (a dict) and build the configs it names."""
+    from .train import TrainConfig
 
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{name}: a recipe is a mapping of sections {sorted(SECTIONS)}")
-    check_keys(doc, SECTIONS, name)
+    check_mapping(doc, name, f"a mapping of sections {list(SECTIONS)}")
+    unknown = sorted(set(doc) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{name}: unknown key(s) {unknown}; allowed keys: {sorted(SECTIONS)}")
+    for key in ("name", "description"):
+        _need(doc.get(key) is None or isinstance(doc[key], str), f"{name}: {key} must be a string")
     seed = doc.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"{name}: seed must be an integer, got {seed!r}")
-    data = _section(doc, "data", DATA_KEYS, required=True)
-    if "name" not in data:
-        raise ConfigError(f"{name}: data.name is required")
-    model = _section(doc, "model", MODEL_KEYS, required=True)
-    if "name" not in model:
-        raise ConfigError(f"{name}: model.name is required")
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    train = _section(doc, "train", train_keys)
-    finetune = _section(doc, "finetune", train_keys)
-    for key, sec in (("train", train), ("finetune", finetune)):
-        if sec is not None:
-            try:
-                TrainConfig(**sec)
-            except ConfigError as e:
-                raise ConfigError(f"{name}: {key}: {e}") from None
+    _need(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
+          f"{name}: seed must be an integer >= 0, got {seed!r}")
+    for key in ("data", "model"):
+        _need(doc.get(key) is not None, f"{name}: missing section '{key}'")
+    data = _given(DataSection, doc, "data", name)
+    model = _given(ModelSection, doc, "model", name)
+    _factory_checks(data, model, name)
+    train = _given(TrainConfig, doc, "train", name)
+    finetune = _given(TrainConfig, doc, "finetune", name)
     compress, select = None, {}
     if doc.get("compress") is not None:
-        comp = dict(doc["compress"])
-        select = {k: comp.pop(k) for k in list(comp) if k in COMPRESS_SELECT}
+        comp = dict(check_mapping(doc["compress"], f"{name}: compress"))
+        sel_keys = {f.name for f in dataclasses.fields(SelectSection)}
+        given = {k: comp.pop(k) for k in list(comp) if k in sel_keys}
+        sel = build(SelectSection, given, f"{name}: compress")
+        select = {k: getattr(sel, k) for k in given}
         compress = config_from_dict(comp, where=f"{name}: compress")
+    elif finetune is not None:
+        raise ConfigError(f"{name}: a 'finetune' section needs a 'compress' section (it fine-tunes "
+                          "the compressed model)")
     search = None
     if doc.get("search") is not None:
-        search = config_from_dict(dict(doc["search"]), where=f"{name}: search")
+        search = config_from_dict(check_mapping(doc["search"], f"{name}: search"), where=f"{name}: search")
         if compress is None:
             raise ConfigError(f"{name}: a 'search' section needs a 'compress' section to apply its plan")
         if select.get("plan") is not None:
             raise ConfigError(f"{name}: give either compress.plan or a search section, not both")
-    export = _section(doc, "export", EXPORT_KEYS) or {}
-    if export.get("onnx_kernels", "qdq") not in ("qdq", "ort"):
-        raise ConfigError(f"{name}: export.onnx_kernels must be 'qdq' or 'ort', got {export['onnx_kernels']!r}")
-    if not isinstance(export.get("onnx_fuse_skip_layernorm", False), bool):
-        raise ConfigError(f"{name}: export.onnx_fuse_skip_layernorm must be true or false, "
-                          f"got {export['onnx_fuse_skip_layernorm']!r}")
+    export = _given(ExportSection, doc, "export", name) or {}
     if train is None and not model.get("checkpoint"):
         raise ConfigError(f"{name}: give either a 'train' section or model.checkpoint (float weights)")
-    return Recipe(doc.get("name", name), seed, data, model, train, compress, select, finetune, export, doc,
-                  search)
+    return Recipe(doc.get("name") or name, seed, data, model, train, compress, select, finetune, export,
+                  doc, search)
 
 
 def load_recipe(path) -> Recipe:

@@ -199,6 +199,25 @@ class _StopOnSignal:
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
+_NO_EFFECT = ("progress", "checkpoint_every", "log_every")   # settings that do not change the result
+
+
+def _check_resume_config(ckpt: dict, config: TrainConfig, path) -> None:
+    """Refuse to resume a checkpoint written with other training settings; say which one resumes."""
+    st = ckpt["trainer_state"]
+    saved = st.get("config") if isinstance(st, dict) else None
+    if isinstance(saved, dict):
+        now = config.to_dict()
+        diff = sorted(k for k in now if k not in _NO_EFFECT and k in saved and saved[k] != now[k])
+        if diff:
+            raise ConfigError(f"cannot resume from {path}: it was written with other training settings "
+                              + ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in diff)
+                              + "; use a new output folder or the original settings")
+    if config.progress:
+        print(f"resuming from {path} (epoch {st.get('epoch', 0)}/{config.epochs}, step "
+              f"{st.get('step_in_epoch', 0)} of that epoch; SHA-256 verified)", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- train / evaluate
 def train(model: torch.nn.Module, train_batches: Callable[[int], Iterable], config: TrainConfig, *,
           extra_loss: Callable | None = None, on_step: Callable | None = None,
@@ -224,7 +243,8 @@ def train(model: torch.nn.Module, train_batches: Callable[[int], Iterable], conf
     optimizer = _make_optimizer(model, config, param_groups)
     ckpt = None
     if resume and Path(checkpoint_path).exists():
-        ckpt = read_checkpoint(checkpoint_path)  # CheckpointError if it is not one
+        ckpt = read_checkpoint(checkpoint_path)  # CheckpointError if it is not one (or damaged)
+        _check_resume_config(ckpt, config, checkpoint_path)
     if ckpt is None:
         seed_everything(config.seed)
         st = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_sum": 0.0,

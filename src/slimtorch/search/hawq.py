@@ -44,10 +44,10 @@ class HAWQConfig:
     Omega (needed, and switched on, when a_bits are allocated untied).  search: exact | monotone.
     w_init/a_init/per_channel: the quantizer that measures ||Q_b(W) - W||^2.  negative: how a
     negative average trace enters Omega (clamp to 0, abs, keep).  frozen: see hutchinson_traces."""
-    bits: tuple = (2, 4, 8)
+    bits: tuple[int, ...] = (2, 4, 8)
     budget: str = "avg_bits"
     target: float = 4.0
-    a_bits: tuple | None = None
+    a_bits: tuple[int, ...] | None = None
     tie_bits: bool = False
     act_sensitivity: bool = False
     search: str = "exact"
@@ -61,8 +61,8 @@ class HAWQConfig:
     rel_stderr: float | None = None
     num_batches: int | None = 4
     seed: int = 0
-    include: tuple | None = None
-    exclude: tuple | None = None
+    include: str | tuple[str, ...] | None = None
+    exclude: str | tuple[str, ...] | None = None
     frozen: str = "skip"
     max_front: int = 200_000
 
@@ -89,12 +89,14 @@ class HAWQConfig:
         need(self.negative in NEGATIVE, "negative", f"one of {NEGATIVE}")
         need(self.frozen in FROZEN_MODES, "frozen", f"one of {FROZEN_MODES}")
         need(isinstance(self.max_iter, int) and self.max_iter >= 1, "max_iter", "an integer >= 1")
-        need(self.tol > 0, "tol", "> 0")
+        need(isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol > 0, "tol", "> 0")
         need(isinstance(self.patience, int) and self.patience >= 1, "patience", "an integer >= 1")
         need(self.rel_stderr is None or 0 < self.rel_stderr < 1, "rel_stderr", "None or in (0, 1)")
         need(self.num_batches is None or (isinstance(self.num_batches, int) and self.num_batches >= 1),
              "num_batches", "None or an integer >= 1")
         need(isinstance(self.max_front, int) and self.max_front >= 100, "max_front", "an integer >= 100")
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+             "seed", "an integer >= 0")
 
 
 # ---------------------------------------------------------------------- perturbations
@@ -251,6 +253,28 @@ def _layer_options(cfg: HAWQConfig, frozen: bool):
     return [(w, None) for w in bits]
 
 
+def _feasible(model, names, options, cfg: HAWQConfig, quant, example_input):
+    """The cost model of the bit grid and its feasible range; ConfigError if the target is below it."""
+    cm_opts = {n: [(w, a if a is not None else quant.a_bits) for w, a in options[n]] for n in names}
+    cm = CostModel(model, names, cm_opts, cfg.budget, quant, cfg.include, cfg.exclude, example_input)
+    limit = cm.limit(cfg.target)
+    lo, hi = sum(min(c) for c in cm.costs), sum(max(c) for c in cm.costs)
+    rng = (cm.value(lo), cm.value(hi))
+    if limit < lo:
+        raise ConfigError(f"budget {cfg.budget}={cfg.target} is infeasible with bits {cfg.bits}: the "
+                          f"feasible range is [{rng[0]:.6g}, {rng[1]:.6g}] {cfg.budget}")
+    return cm, cm_opts, limit, rng
+
+
+def check_budget(model, config: HAWQConfig, quant=None, example_input=None) -> tuple:
+    """Before any trace is computed: the feasible range of ``config.budget`` over the bit grid
+    (every layer trainable); ConfigError naming the range when ``config.target`` cannot be met."""
+    quant = quant if quant is not None else LSQPlus()
+    names = list(find_layers(model, config.include, config.exclude))
+    options = {n: _layer_options(config, False) for n in names}
+    return _feasible(model, names, options, config, quant, example_input)[3]
+
+
 def _effective(t: float, mode: str) -> float:
     return max(t, 0.0) if mode == "clamp" else abs(t) if mode == "abs" else t
 
@@ -317,14 +341,7 @@ def hawq_search(model, data, config: HAWQConfig | None = None, *, loss_fn=None, 
         warnings.warn(f"negative average Hessian trace (non-convex point) for {neg[:5]}: "
                       f"handled by negative={cfg.negative!r}", stacklevel=2)
 
-    cm_opts = {n: [(w, a if a is not None else quant.a_bits) for w, a in options[n]] for n in names}
-    cm = CostModel(model, names, cm_opts, cfg.budget, quant, cfg.include, cfg.exclude, example_input)
-    limit = cm.limit(cfg.target)
-    lo, hi = sum(min(c) for c in cm.costs), sum(max(c) for c in cm.costs)
-    rng = (cm.value(lo), cm.value(hi))
-    if limit < lo:
-        raise ConfigError(f"budget {cfg.budget}={cfg.target} is infeasible with bits {cfg.bits}: the "
-                          f"feasible range is [{rng[0]:.6g}, {rng[1]:.6g}] {cfg.budget}")
+    cm, cm_opts, limit, rng = _feasible(model, names, options, cfg, quant, example_input)
     om = [omega[n] for n in names]
     front = pareto_front(cm.costs, om, cfg.max_front)
     i = best_under(front, limit)

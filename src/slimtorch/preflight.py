@@ -1,0 +1,85 @@
+"""Checks that need the built model, run right after it is built and before any training.
+
+Everything ``run_recipe`` would otherwise find out only after float training: include/exclude globs
+that match no layer, plan entries, a HAWQ budget outside the feasible range of its bit grid, Uhlich
+budgets that no bitwidth can meet (weights and activations), more calibration batches than the data
+has, a missing optional dependency of the ONNX exporter. The compression is tried on a copy of the
+model with one batch; RNG states are restored afterwards, so a run is the same with or without it."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import random
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
+
+
+def check_export_dependencies(export: dict) -> None:
+    if export.get("onnx"):
+        missing = [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"export.onnx needs the package(s) {', '.join(missing)}: "
+                              "pip install 'slimtorch[onnx]' (or drop export.onnx)")
+
+
+def _first_input(batches):
+    for batch in batches:
+        return batch[0] if isinstance(batch, (list, tuple)) else batch
+    raise ConfigError("the training split yields no batch")
+
+
+def check_compression(model: torch.nn.Module, recipe, train_batches) -> None:
+    """Try the recipe's compression on a deep copy of ``model`` with one batch of ``train_batches``
+    (a re-iterable of ``(x, y)``): every error it raises is the one the real run would raise later."""
+    from .quant import calibrate, quantize_
+    from .search.penalty import penalty
+
+    if recipe.compress is None:
+        return
+    sel = recipe.select
+    n_batches = len(train_batches) if hasattr(train_batches, "__len__") else None
+    want = sel.get("calibrate_batches", 8)
+    if n_batches is not None and want > n_batches:
+        raise ConfigError(f"compress.calibrate_batches={want}, but the training split has only "
+                          f"{n_batches} batches at this batch size")
+    x = _first_input(train_batches)
+    trial = copy.deepcopy(model)
+    if recipe.search is not None:
+        from dataclasses import replace
+
+        from .search.hawq import HAWQConfig, check_budget
+
+        cfg = recipe.search
+        if not isinstance(cfg, HAWQConfig):
+            raise ConfigError(f"search method {type(cfg).method!r} cannot produce a plan here")
+        if cfg.include is None and cfg.exclude is None and (sel.get("include") or sel.get("exclude")):
+            cfg = replace(cfg, include=sel.get("include"), exclude=sel.get("exclude"))
+        try:
+            check_budget(trial, cfg, recipe.compress, example_input=x)
+        except ConfigError as e:
+            raise ConfigError(f"search: {e}") from None
+    try:
+        quantize_(trial, recipe.compress, include=sel.get("include"), exclude=sel.get("exclude"),
+                  plan=sel.get("plan"))
+        calibrate(trial, [x], num_batches=1)
+        with torch.no_grad():
+            penalty(trial)        # budgets that need activation sizes are checked here
+    except ConfigError as e:
+        raise ConfigError(f"compress: {e}") from None
+
+
+def preflight(model: torch.nn.Module, recipe, train_batches) -> None:
+    """All model-dependent checks; the global RNG states are left exactly as they were."""
+    check_export_dependencies(recipe.export)
+    state = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    try:
+        check_compression(model, recipe, train_batches)
+    finally:
+        torch.set_rng_state(state[0])
+        random.setstate(state[1])
+        np.random.set_state(state[2])
