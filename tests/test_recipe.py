@@ -60,3 +60,39 @@ def test_shipped_recipes_parse():
     assert recipes
     for p in recipes:
         load_recipe(p)
+
+
+@pytest.mark.parametrize("doc,match", [
+    ({**BASE, "data": 5}, "data: expected a mapping"),
+    ({**BASE, "compress": [1]}, "compress: expected a mapping"),
+    (_with("compress", include=5), "include"),
+    (_with("compress", exclude=[None]), r"exclude"),
+    (_with("compress", plan="abc"), "plan"),
+    (_with("compress", plan={"fc1": 9}), r"plan\['fc1'\].w_bits"),
+    (_with("compress", plan={"fc1": {"bits": 4}}), r"unknown key\(s\) \['bits'\]"),
+    (_with("compress", tie_bits=5), "tie_bits: input should be a valid boolean"),
+    (_with("compress", integer_offset="yes", activations="offset"), "integer_offset"),
+    (_with("compress", calibrate_batches=float("nan")), "calibrate_batches"),
+    (_with("compress", calibrate_batches=0), "calibrate_batches=0"),
+    (_with("data", options={"normalize": "no"}), "normalize: input should be a valid boolean"),
+    (_with("data", eval_batch_size=0), "eval_batch_size"),
+    (_with("model", kwargs={"hidden": "32"}), r"model.kwargs.hidden"),
+    ({**BASE, "export": {"onnx": True}}, "export.onnx: input should be a valid string"),
+    ({**BASE, "export": {"path": "../escape.slim"}}, "inside the output folder"),
+    ({**BASE, "search": {"method": "hawq", "seed": "1"}}, "search.*seed"),
+    ({**BASE, "search": {"method": "hawq", "seed": -1}}, "seed=-1"),
+    ({**BASE, 5: 1}, "keys must be strings"),
+    ({**BASE, "seed": True}, "seed must be an integer"),
+    ({**BASE, "compress": {"method": 5}}, "unknown method 5"),
+    ({k: v for k, v in BASE.items() if k != "compress"}, "finetune.*needs a 'compress'"),
+])
+def test_hostile_values_are_refused_by_name(doc, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_recipe(doc)
+
+
+def test_duplicate_keys_in_a_recipe_file(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("data: {name: digits}\nmodel: {name: digits_mlp}\ntrain: {epochs: 1, lr: 0.1, lr: 0.2}\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml.*duplicate key 'lr'"):
+        load_recipe(p)

@@ -37,6 +37,7 @@ def check_compression(model: torch.nn.Module, recipe, train_batches) -> None:
     """Try the recipe's compression on a deep copy of ``model`` with one batch of ``train_batches``
     (a re-iterable of ``(x, y)``): every error it raises is the one the real run would raise later."""
     from .quant import calibrate, quantize_
+    from .search.budget import trace_layers
     from .search.penalty import penalty
 
     if recipe.compress is None:
@@ -67,8 +68,8 @@ def check_compression(model: torch.nn.Module, recipe, train_batches) -> None:
         quantize_(trial, recipe.compress, include=sel.get("include"), exclude=sel.get("exclude"),
                   plan=sel.get("plan"))
         calibrate(trial, [x], num_batches=1)
-        with torch.no_grad():
-            penalty(trial)        # budgets that need activation sizes are checked here
+        with torch.no_grad():     # budgets that need activation sizes are checked here
+            penalty(trial, shapes=trace_layers(trial, x))
     except ConfigError as e:
         raise ConfigError(f"compress: {e}") from None
 
