@@ -5,47 +5,32 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
-import slimtorch
 from slimtorch.errors import CheckpointError
-from slimtorch.export import file_report, load_packed, save_packed
-from slimtorch.export.packed_mutate import (OPS, flip_byte, hostile_header, load_parts, mutate, paths,
-                                            peak_memory_mb, replacements, report_dict, run_case, truncate, write_mutant)
-
+from slimtorch.export import file_report, load_packed
+from slimtorch.export.packed_mutate import (OPS, flip_byte, hostile_header, mutate, paths, peak_memory_mb,
+                                            replacements, run_case, tiny_net, tiny_packed, truncate, write_mutant)
 
 
 def fuzz(n):
     return settings(max_examples=n, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 10))
+net = tiny_net
 
 
 class Case:
-    """One small LSQ+ model packed once; its outputs, report and format description."""
+    """One small LSQ+ model packed once (packed_mutate.tiny_packed) and its header paths."""
 
     def __init__(self):
         self.dir = Path(tempfile.mkdtemp(prefix="slim-fuzz-"))
-        m = net()
-        slimtorch.quantize_(m, slimtorch.LSQPlus(w_bits=4, a_bits=4))
-        x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-        slimtorch.calibrate(m, [x])
-        self.path, self.x = self.dir / "m.slim", x
-        save_packed(m, self.path)
-        with torch.no_grad():
-            self.want = m.eval()(x)
-        self.report = report_dict(self.path)
-        self.meta, _ = load_parts(self.path)
+        self.__dict__.update(tiny_packed(self.dir))
         self.paths = [p for p in paths(self.meta) if p != ("crc32",)]
 
     def check(self, path):
-        outcome, msg = run_case(path, net, self.x, self.want, self.report)
+        outcome, msg = run_case(path, net, self.inputs, self.want, self.report)
         assert outcome in ("named_error", "accepted_ok"), (outcome, msg)
         return outcome
 
@@ -125,3 +110,14 @@ def test_cli_report_refuses_edited_header(tmp_path, capsys):
     out = write_mutant(CASE.path, tmp_path / "e.slim", lambda m: {k: v for k, v in m.items() if k != "theory"})
     assert main(["report", str(out), "--no-png"]) == 2
     assert "theory: Field required" in capsys.readouterr().err
+
+
+def test_reliability_benchmark_runs():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "reliability_packed", Path(__file__).parents[2] / "benchmarks" / "reliability_packed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.run(n=20, seed=1)
+    assert sum(r["counts"].values()) == 20 and r["counts"]["raw_exception"] == 0, r
+    assert r["peak_mb_hostile_header"] < 4

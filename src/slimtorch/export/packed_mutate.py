@@ -150,3 +150,30 @@ def run_case(path, factory, inputs, want, want_report: dict) -> tuple[str, str]:
         return "raw_exception", f"{type(e).__name__}: {e}"
     ok = got.shape == want.shape and float((got - want).abs().max()) <= 1e-6 and rep == want_report
     return ("accepted_ok" if ok else "accepted_but_wrong"), ""
+
+
+def tiny_net():
+    """Conv2d(1, 4, 3) -> ReLU -> Flatten -> Linear(144, 10), seeded."""
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 10))
+
+
+def tiny_packed(folder) -> dict:
+    """``tiny_net`` quantized with LSQ+ (4/4 bits), calibrated and saved to ``folder``/m.slim:
+    {"path", "factory", "inputs", "want" (its outputs), "report" (report_dict), "meta" (load_parts)}."""
+    import torch
+
+    import slimtorch
+    from .packed import save_packed
+    m = tiny_net()
+    slimtorch.quantize_(m, slimtorch.LSQPlus(w_bits=4, a_bits=4))
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    slimtorch.calibrate(m, [x])
+    path = Path(folder) / "m.slim"
+    save_packed(m, path)
+    with torch.no_grad():
+        want = m.eval()(x)
+    return {"path": path, "factory": tiny_net, "inputs": x, "want": want, "report": report_dict(path),
+            "meta": load_parts(path)[0]}
