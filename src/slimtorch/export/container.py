@@ -19,9 +19,12 @@ import base64
 import binascii
 import hashlib
 import json
+import math
+import mmap
 import os
 import struct
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -117,17 +120,21 @@ def _fail(path, msg):
     raise CheckpointError(f"{path}: {msg}")
 
 
+def _nat(v) -> bool:
+    return type(v) is int and v >= 0
+
+
 def _check_index(path, index: dict, data_len: int):
     spans = []
     for name, e in index.items():
-        if not isinstance(e, dict) or e.get("dtype") not in ITEMSIZE:
+        if not isinstance(e, dict) or not isinstance(e.get("dtype"), str) or e["dtype"] not in ITEMSIZE:
             _fail(path, f"tensor {name!r} has an unknown dtype {e.get('dtype') if isinstance(e, dict) else e!r}")
         shape, offs = e.get("shape"), e.get("data_offsets")
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
-                or not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) for o in offs) or not 0 <= offs[0] <= offs[1]):
+        if (set(e) != {"dtype", "shape", "data_offsets"} or not isinstance(shape, list) or len(shape) > 16
+                or not all(map(_nat, shape)) or not isinstance(offs, list) or len(offs) != 2
+                or not all(map(_nat, offs)) or not offs[0] <= offs[1]):
             _fail(path, f"tensor {name!r} has a malformed shape or data_offsets in the header")
-        numel = int(np.prod(shape, dtype=np.int64))
+        numel = math.prod(shape)
         if offs[1] - offs[0] != numel * ITEMSIZE[e["dtype"]]:
             _fail(path, f"tensor {name!r}: shape {shape} ({e['dtype']}) needs "
                         f"{numel * ITEMSIZE[e['dtype']]} bytes but the header gives it {offs[1] - offs[0]}")
@@ -142,12 +149,23 @@ def _check_index(path, index: dict, data_len: int):
         _fail(path, f"file is {what}: the header describes {end} data bytes, the file has {data_len}")
 
 
-def read_container(path) -> tuple[dict, dict, dict]:
-    """Read and verify a container. Returns (meta, tensors: name -> CPU tensor, index)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"packed model {path} does not exist or is not a file")
-    blob = path.read_bytes()
+CHUNK = 16 << 20        # bytes hashed per step
+
+
+@contextmanager
+def _mapped(path: Path):
+    """The file's bytes, memory-mapped read-only (a file under 8 bytes is read as bytes)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            yield f.read()
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            yield mm
+
+
+def _verify(path, blob) -> tuple[dict, dict, int]:
+    """Check header, format, index and both digests of the mapped file; (meta, index, data start)."""
     if len(blob) < 8:
         _fail(path, f"not a slimtorch packed model: {len(blob)} bytes (empty or truncated)")
     (n,) = struct.unpack("<Q", blob[:8])
@@ -158,7 +176,7 @@ def read_container(path) -> tuple[dict, dict, dict]:
     try:
         head = json.loads(blob[8:8 + n].decode("utf-8"))
         assert isinstance(head, dict)
-    except (UnicodeDecodeError, ValueError, AssertionError):
+    except (UnicodeDecodeError, ValueError, AssertionError, RecursionError):
         _fail(path, "header is corrupt: not valid JSON (not a safetensors file, or damaged)")
     md = head.pop("__metadata__", None) or {}
     if not isinstance(md, dict) or META_KEY not in md:
@@ -168,28 +186,45 @@ def read_container(path) -> tuple[dict, dict, dict]:
         _fail(path, "header is corrupt: SHA-256 of the header does not match (edited or damaged)")
     try:
         meta = decode_text(md[META_KEY])
-    except ValueError:
+    except (ValueError, RecursionError):
         _fail(path, "header is corrupt: the slimtorch metadata is not valid (compressed) JSON")
     from .packed import FORMAT, READ_VERSIONS, VERSION  # the format owns its tag and versions
     if meta.get("format") != FORMAT:
         _fail(path, f"not a slimtorch packed model (format {meta.get('format')!r}, expected {FORMAT!r})")
-    if meta.get("version") not in READ_VERSIONS or isinstance(meta.get("version"), bool):
+    if type(meta.get("version")) is not int or meta["version"] not in READ_VERSIONS:
         _fail(path, f"unsupported packed format version {meta.get('version')!r}: this slimtorch "
                     f"reads versions {', '.join(map(str, READ_VERSIONS))}" + (" (upgrade slimtorch)" if isinstance(
                         meta.get("version"), int) and meta["version"] > VERSION else ""))
-    data = memoryview(blob)[8 + n:]
-    _check_index(path, head, len(data))
-    names = list(head)
-    if md.get("sha256.data") != hashlib.sha256(data).hexdigest():
-        crcs = meta.get("crc32", "")
-        bad = [nm for i, nm in enumerate(names)
-               if crcs[8 * i:8 * i + 8] != f"{zlib.crc32(data[slice(*head[nm]['data_offsets'])]):08x}"]
-        _fail(path, "data is corrupt: SHA-256 of the data section does not match"
-                    + (f"; damaged tensor(s): {', '.join(bad[:5])}" if bad else ""))
-    tensors = {}
-    for name, e in head.items():
-        a, b = e["data_offsets"]
-        raw = torch.frombuffer(bytearray(data[a:b]), dtype=torch.uint8) if b > a else \
-            torch.empty(0, dtype=torch.uint8)
-        tensors[name] = raw.view(TORCH_DTYPES[e["dtype"]]).reshape(e["shape"])
+    start = 8 + n
+    _check_index(path, head, len(blob) - start)
+    h = hashlib.sha256()
+    with memoryview(blob) as view:
+        for i in range(start, len(blob), CHUNK):
+            h.update(view[i:min(i + CHUNK, len(blob))])
+        if md.get("sha256.data") != h.hexdigest():
+            crcs = meta.get("crc32", "")
+            crcs = crcs if isinstance(crcs, str) else ""
+            bad = [nm for i, (nm, e) in enumerate(head.items()) if crcs[8 * i:8 * i + 8] != "%08x" % zlib.crc32(
+                view[start + e["data_offsets"][0]:start + e["data_offsets"][1]])]
+            _fail(path, "data is corrupt: SHA-256 of the data section does not match"
+                        + (f"; damaged tensor(s): {', '.join(bad[:5])}" if bad else ""))
+    return meta, head, start
+
+
+def read_container(path, check=None) -> tuple[dict, dict, dict]:
+    """Read and verify a container through a memory map. ``check(meta, index)`` runs after the
+    checksums and before any tensor is copied out. Returns (meta, tensors: name -> CPU tensor, index)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"packed model {path} does not exist or is not a file")
+    with _mapped(path) as blob:
+        meta, head, start = _verify(path, blob)
+        if check is not None:
+            check(meta, head)
+        tensors = {}
+        for name, e in head.items():
+            a, b = e["data_offsets"]
+            raw = torch.from_numpy(np.frombuffer(blob, np.uint8, b - a, start + a).copy()) if b > a else \
+                torch.empty(0, dtype=torch.uint8)
+            tensors[name] = raw.view(TORCH_DTYPES[e["dtype"]]).reshape(e["shape"])
     return meta, tensors, head

@@ -43,12 +43,12 @@ from ..quant.api import quantized_layers
 from ..quant.bias import Int32Bias, attach_int32_bias
 from ..quant.quantizer import Quantizer, build_quantizer
 from ..search.budget import layer_kind, model_costs
-from .bitpack import pack_tensor, packed_size, unpack_tensor
-from .container import DTYPES, TORCH_DTYPES, read_container, write_container
+from .bitpack import pack_tensor, unpack_tensor
+from .container import DTYPES, read_container, write_container
+from .packed_schema import check_meta
 
 FORMAT, VERSION = "slimtorch.packed", 2
 READ_VERSIONS = (1, 2)
-KINDS = ("codes", "float")
 RUNTIMES = ("float", "fakequant", "int8")
 
 
@@ -192,65 +192,16 @@ def _split(blob: torch.Tensor, shapes: list, what: str, path) -> list:
 
 
 def read_packed(path) -> tuple[dict, dict, dict]:
-    """Read and verify a packed file: (meta, tensors, index). Checks references and sizes; the
-    state is returned split into its named tensors (tensors[key])."""
-    meta, tensors, index = read_container(path)
-    try:
-        table, layers, state = meta["quantizers"], meta["layers"], meta["state"]
-        assert isinstance(table, list) and isinstance(layers, list) and isinstance(state, dict)
-    except (KeyError, AssertionError):
-        raise CheckpointError(f"{path}: header lacks the quantizers/layers/state sections") from None
-
-    def need(name, owner):
-        if name not in tensors:
-            raise CheckpointError(f"{path}: header entry {owner!r} names tensor {name!r}, "
-                                  "which the file does not contain")
-        return tensors[name]
-
-    for e in layers:
-        name = e.get("name")
-        if e.get("kind") not in KINDS:
-            raise CheckpointError(f"{path}: layer {name!r} has kind {e.get('kind')!r}, which this "
-                                  f"slimtorch cannot load (known: {', '.join(KINDS)})")
-        for key in ("wq", "aq"):
-            if e.get(key) is not None and not (isinstance(e[key], int) and 0 <= e[key] < len(table)):
-                raise CheckpointError(f"{path}: layer {name!r} refers to quantizer {e[key]!r}, "
-                                      f"the header lists {len(table)}")
-        nb = e.get("bias", 0)
-        if isinstance(nb, bool) or not isinstance(nb, int) or nb < 0:
-            raise CheckpointError(f"{path}: layer {name!r} has bias={nb!r}, expected a count")
-        n = math.prod(e.get("shape") or [0])
-        if e["kind"] == "codes":
-            c = need(f"{name}.w_codes", name)
-            if not isinstance(e.get("bits"), int) or not 1 <= e["bits"] <= 8:
-                raise CheckpointError(f"{path}: layer {name!r} has bits={e.get('bits')!r}, expected 1..8")
-            if c.dtype != torch.uint8 or c.numel() != packed_size(n, e["bits"]):
-                raise CheckpointError(f"{path}: tensor {name}.w_codes holds {c.numel()} {c.dtype} "
-                                      f"values; {n} weights at {e['bits']} bits need "
-                                      f"{packed_size(n, e['bits'])} uint8 bytes")
-        elif list(need(f"{name}.weight", name).shape) != e["shape"]:
-            raise CheckpointError(f"{path}: layer {name!r} weight shape {list(tensors[name + '.weight'].shape)} "
-                                  f"does not match the header's {e['shape']}")
-        if meta["version"] == 1 and (e.get("bias") or e.get("wq") is not None or e.get("aq") is not None):
-            need(f"{name}.params", name)
-    if meta["version"] >= 2:       # one pooled params tensor, split by what each layer's entry needs
-        per_q = [sum(math.prod(s) for _, s in _float_keys(_rebuild(q, f"quantizer {i}")))
-                 for i, q in enumerate(table)]
-        sizes = [e.get("bias", 0) + sum(per_q[e[k]] for k in ("wq", "aq") if e.get(k) is not None)
-                 for e in layers]
-        if sum(sizes) or "params" in tensors:
-            blob = need("params", "layers")
-            if blob.dtype != torch.float32:
-                raise CheckpointError(f"{path}: tensor params has dtype {blob.dtype}, expected float32")
-            parts = _split(blob.reshape(-1), [(n,) for n in sizes], "params", path)
-            tensors.update({f"{e['name']}.params": t for e, t in zip(layers, parts) if t.numel()})
-    for code, keys in state.items():
-        if code not in TORCH_DTYPES:
-            raise CheckpointError(f"{path}: state dtype {code!r} is unknown")
-        blob = need(f"state.{code}", "state")
-        if blob.dtype != TORCH_DTYPES[code]:
-            raise CheckpointError(f"{path}: tensor state.{code} has dtype {blob.dtype}")
-        parts = _split(blob.reshape(-1), [tuple(s) for _, s in keys], f"state.{code}", path)
+    """Read and verify a packed file: (meta, tensors, index). The description is checked strictly
+    (packed_schema.py) before any tensor is materialised; the pooled params and the state are
+    returned split into their named tensors (tensors[key])."""
+    sizes: list = []
+    meta, tensors, index = read_container(path, check=lambda m, idx: sizes.extend(check_meta(m, idx, path)))
+    if meta["version"] >= 2 and "params" in tensors:
+        parts = _split(tensors["params"], [(n,) for n in sizes], "params", path)
+        tensors.update({f"{e['name']}.params": t for e, t in zip(meta["layers"], parts) if t.numel()})
+    for code, keys in meta["state"].items():
+        parts = _split(tensors[f"state.{code}"].reshape(-1), [tuple(s) for _, s in keys], f"state.{code}", path)
         tensors.update({k: t for (k, _), t in zip(keys, parts)})
     return meta, tensors, index
 
@@ -261,22 +212,15 @@ def cost_rows(meta: dict) -> list:
     if meta["version"] == 1:
         return [list(r) for r in meta["costs"]]
     layers = {e["name"]: e for e in meta["layers"]}
-    out = []
-    try:
-        for r in meta["costs"]:
-            e = layers.get(r[0])
-            out.append([r[0], e["module"], math.prod(e["shape"]) + e.get("bias", 0), e["bits"], r[2], r[1]]
-                       if e is not None else [r[0], r[2], r[3], 32, None, r[1]])
-    except (KeyError, IndexError, TypeError):
-        raise CheckpointError("packed file header: malformed costs section") from None
-    return out
+    return [[r[0], e["module"], math.prod(e["shape"]) + e.get("bias", 0), e["bits"], r[2], r[1]]
+            if (e := layers.get(r[0])) is not None else [r[0], r[2], r[3], 32, None, r[1]]
+            for r in meta["costs"]]
 
 
 def _decode_layer(e, m, table, tensors, path):
     """(weight, bias, weight quantizer, input quantizer, codes) of one layer entry, validated."""
     name = e["name"]
-    wq = None if e.get("wq") is None else _rebuild(table[e["wq"]], name)
-    aq = None if e.get("aq") is None else _rebuild(table[e["aq"]], name)
+    wq, aq = (None if e.get(k) is None else _rebuild(table[e[k]], f"{path}: quantizers[{e[k]}]") for k in ("wq", "aq"))
     shapes = ([(e["bias"],)] if e.get("bias") else []) + [s for q in (wq, aq) if q for _, s in _float_keys(q)]
     parts = _split(tensors[f"{name}.params"].reshape(-1), shapes, f"{name}.params", path) if shapes else []
     bias = parts.pop(0) if e.get("bias") else None
@@ -296,6 +240,22 @@ def _decode_layer(e, m, table, tensors, path):
     return w, bias, wq, aq, codes
 
 
+def _build_recorded(meta: dict, path) -> nn.Module:
+    """The float model of the file's ``build`` record (modelspec.py)."""
+    from .modelspec import build_from_spec
+    if not meta.get("build"):
+        raise ConfigError(f"{path} does not record how to build its model: pass a model factory")
+    try:
+        return build_from_spec(meta["build"])
+    except Exception as e:  # the record names an unknown model or arguments it does not take
+        raise CheckpointError(f"{path}: build: cannot build the recorded model: {e}") from None
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+
+
 @torch.no_grad()
 def load_packed(path, model_or_factory=None, runtime: str = "float") -> nn.Module:
     """Load a packed file into a float model of the architecture it was saved from.
@@ -309,11 +269,9 @@ def load_packed(path, model_or_factory=None, runtime: str = "float") -> nn.Modul
         raise ConfigError(f"runtime={runtime!r}; expected one of {RUNTIMES}")
     meta, tensors, _ = read_packed(path)
     if model_or_factory is None:
-        from .modelspec import build_from_spec
-        if not meta.get("build"):
-            raise ConfigError(f"{path} does not record how to build its model: pass a model factory")
-        model_or_factory = lambda: build_from_spec(meta["build"])  # noqa: E731
-    model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
+        model = _build_recorded(meta, path)
+    else:
+        model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model factory returned {type(model).__name__}, expected an nn.Module")
     if any(True for _ in quantized_layers(model)):
@@ -357,6 +315,9 @@ def load_packed(path, model_or_factory=None, runtime: str = "float") -> nn.Modul
             m.bias.copy_(bias)
         if aq is not None:
             owner = shared_aq.get(name)
+            if owner in loaded_aq and not _same_state(loaded_aq[owner], aq):
+                raise CheckpointError(f"{path}: layer {name!r} shares the input quantizer of {owner!r} "
+                                      "but stores different values for it")
             aq = loaded_aq[owner] if owner in loaded_aq else aq.to(m.weight.device)
             loaded_aq[name] = aq
             set_input_quantizer(m, aq)
