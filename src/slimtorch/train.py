@@ -28,6 +28,7 @@ from slimtorch.errors import ConfigError, DataError
 __all__ = ["TrainConfig", "train", "evaluate", "distillation_loss", "seed_everything"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+MAX_LR = 1e3   # larger learning rates / decays overflow float32 optimizer state: a typo, not a setting
 SCHEDULES = ("cosine", "constant")
 
 
@@ -68,10 +69,11 @@ class TrainConfig:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         need("epochs", is_int(self.epochs) and self.epochs >= 0, "an integer >= 0")
-        need("lr", is_num(self.lr) and self.lr > 0, "a number > 0")
+        need("lr", is_num(self.lr) and 0 < self.lr <= MAX_LR, f"a number in (0, {MAX_LR:g}]")
         need("optimizer", self.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
         need("momentum", is_num(self.momentum) and 0 <= self.momentum < 1, "a number in [0, 1)")
-        need("weight_decay", is_num(self.weight_decay) and self.weight_decay >= 0, "a number >= 0")
+        need("weight_decay", is_num(self.weight_decay) and 0 <= self.weight_decay <= MAX_LR,
+             f"a number in [0, {MAX_LR:g}]")
         need("batch_size", is_int(self.batch_size) and self.batch_size >= 1, "an integer >= 1")
         need("seed", is_int(self.seed) and self.seed >= 0, "an integer >= 0")
         need("lr_schedule", self.lr_schedule in SCHEDULES, f"one of {SCHEDULES}")
@@ -83,8 +85,8 @@ class TrainConfig:
              "None or a number > 0")
         need("distill_alpha", is_num(self.distill_alpha) and 0 <= self.distill_alpha <= 1,
              "a number in [0, 1]")
-        need("distill_temperature", is_num(self.distill_temperature) and self.distill_temperature > 0,
-             "a number > 0")
+        need("distill_temperature", is_num(self.distill_temperature) and 0 < self.distill_temperature <= 1e3,
+             "a number in (0, 1000]")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -89,7 +89,12 @@ def load_dataset(name: str, **options) -> DataBundle:
                         f"(add your own with @slimtorch.data.register_dataset('name'))")
     fn = _REGISTRY[key]
     _check_options(fn, options, f"dataset {key!r}")
-    bundle = fn(**options)
+    try:
+        bundle = fn(**options)
+    except (ConfigError, DataError):
+        raise
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise DataError(f"dataset {key!r} could not be loaded with {options}: {type(e).__name__}: {e}") from None
     if not isinstance(bundle, DataBundle):
         raise DataError(f"dataset {key!r}: loader returned {type(bundle).__name__}, expected a DataBundle")
     for split in ("train", "test"):

@@ -94,7 +94,12 @@ def build_model(name_or_path: str, **kwargs) -> nn.Module:
         spec = model_spec(name_or_path)
         factory, what = spec.factory, f"model {spec.name!r}"
     _check_kwargs(factory, kwargs, what)
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except (ConfigError, MemoryError):
+        raise
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise ConfigError(f"{what} could not be built with {kwargs}: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{what}: factory returned {type(model).__name__}, expected a torch.nn.Module")
     return model
