@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..attach import (add_weight_transform, find_layers, find_transform, input_quantizer, raw_weight,
+from ..attach import (_as_list, add_weight_transform, find_layers, find_transform, input_quantizer, raw_weight,
                       set_input_quantizer)
 from ..config import handler_for, register_handler
 from ..errors import ConfigError, PatternError
@@ -58,7 +58,13 @@ def _normalise_plan(plan, layers, cfg) -> dict[str, tuple[int, int | None]]:
 def quantize_(model: nn.Module, config, include=None, exclude=None, plan=None) -> nn.Module:
     """Attach quantizers in place to every Conv1d/Conv2d/Linear (weight + input activation) and
     Embedding (weight) matched by the include/exclude globs; all layers by default, first and last
-    included. ``plan`` overrides bits per layer (e.g. a HAWQ-V2 result). Returns ``model``."""
+    included. ``plan`` overrides bits per layer (e.g. a HAWQ-V2 result). Returns ``model``.
+
+    An ``nn.MultiheadAttention`` with a selected projection (``<mha>.q_proj``, ``k_proj``,
+    ``v_proj``, ``out_proj``) is first split into projection Linears (quant/mha.py) so that all its
+    weights and inputs are quantized. Modules holding parameters slimtorch cannot quantize (GRU,
+    custom layers) are named in a warning and in ``report``."""
+    _split_selected_mha(model, include, exclude)
     layers = find_layers(model, include, exclude)
     for name, m in layers.items():
         if weight_quantizer(m) is not None or input_quantizer(m) is not None:
@@ -70,7 +76,24 @@ def quantize_(model: nn.Module, config, include=None, exclude=None, plan=None) -
         for m in layers.values():
             if weight_quantizer(m) is not None and input_quantizer(m) is not None:
                 attach_int32_bias(m)
+    from .coverage import warn_float_modules
+    from .mha import share_attention_inputs_
+    share_attention_inputs_(model)
+    warn_float_modules(model)
     return model
+
+
+def _split_selected_mha(model, include, exclude) -> list[str]:
+    """Split the MultiheadAttention modules one of whose projections the globs select."""
+    import fnmatch
+
+    from .mha import PROJ, split_all_
+    inc, exc = _as_list(include), _as_list(exclude)
+    chosen = lambda n: ((not inc or any(fnmatch.fnmatchcase(n, p) for p in inc))  # noqa: E731
+                        and not any(fnmatch.fnmatchcase(n, p) for p in exc))
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+             and any(chosen(f"{n}.{p}" if n else p) for p in PROJ + ("out_proj",))]
+    return split_all_(model, names) if names else []
 
 
 def per_channel_shape(weight: torch.Tensor) -> tuple[int, ...]:
@@ -113,6 +136,10 @@ def calibrate(model: nn.Module, forward_loop: Callable | Iterable, num_batches: 
     activation quantizer observing (float pass-through), then initialise each from what it saw.
     Returns the number of quantizers initialised. The model's train/eval mode is restored."""
     acts = list({id(aq): aq for *_, aq in quantized_layers(model) if aq is not None}.values())
+    owners: dict[int, list[str]] = {}
+    for name, _, _, aq in quantized_layers(model):
+        if aq is not None:
+            owners.setdefault(id(aq), []).append(name)
     if reinit_weights:
         for _, m, wq, _ in quantized_layers(model):
             if wq is not None:
@@ -123,14 +150,20 @@ def calibrate(model: nn.Module, forward_loop: Callable | Iterable, num_batches: 
     model.eval()
     for q in acts:
         q.start_observing()
+    from .coverage import explain_unseen, record_calls
     try:
-        _iterate(forward_loop, model, num_batches)
+        with record_calls() as ran:
+            _iterate(forward_loop, model, num_batches)
     finally:
         seen = [bool(getattr(q, "_obs", [])) for q in acts]
         for q in acts:
             q.finish_observing()
         model.train(was_training)
     if not all(seen):
-        raise ConfigError(f"calibration saw no data for {seen.count(False)} activation quantizer(s): "
-                          "the forward_loop did not run the model (empty loader?)")
+        if not any(id(m) in ran for m in model.modules()):
+            raise ConfigError(f"calibration saw no data for {seen.count(False)} activation quantizer(s): "
+                              "the forward_loop did not run the model (empty loader?)")
+        names = [n for q, ok in zip(acts, seen) if not ok for n in owners[id(q)]]
+        raise ConfigError(f"calibration saw no data for {seen.count(False)} activation quantizer(s), the "
+                          "input quantizers of: " + "; ".join(explain_unseen(model, names, ran)))
     return len(acts)
