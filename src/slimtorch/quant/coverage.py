@@ -7,6 +7,7 @@ import contextlib
 import warnings
 
 from torch import nn
+from torch.nn.utils.parametrize import type_before_parametrizations
 
 from ..attach import QUANTIZABLE
 from .quantizer import Quantizer
@@ -82,9 +83,9 @@ def explain_unseen(model: nn.Module, layer_names: list[str], ran: set[int]) -> l
             if id(mods[anc]) in ran:
                 rel = ".".join(parts[i:])
                 where = f"{type(mods[anc]).__name__} {anc!r}" if anc else f"the model ({type(model).__name__})"
-                out.append(f"{rel} ({type(m).__name__} inside {where} uses its weight functionally "
+                out.append(f"{rel} ({type_before_parametrizations(m).__name__} inside {where} uses its weight functionally "
                            "or never calls it)")
                 break
         else:
-            out.append(f"{name} ({type(m).__name__}): the model did not run")
+            out.append(f"{name} ({type_before_parametrizations(m).__name__}): the model did not run")
     return out
