@@ -56,8 +56,10 @@ def _slim_forward(self, query, key, value, key_padding_mask=None, need_weights=T
 
 
 def _cat(self, name):
-    parts = [getattr(getattr(self, p), name) for p in PROJ]
-    return None if any(t is None for t in parts) else torch.cat(parts)
+    """in_proj_weight / in_proj_bias as torch's checks read them (None once a projection module
+    no longer has the tensor, e.g. after the int8 runtime replaced it)."""
+    parts = [getattr(getattr(self, p), name, None) for p in PROJ]
+    return None if any(not isinstance(t, torch.Tensor) for t in parts) else torch.cat(parts)
 
 
 def _slim_class(base: type) -> type:
