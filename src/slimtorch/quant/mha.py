@@ -131,6 +131,13 @@ def block_fast_paths_(model: nn.Module) -> None:
             m.use_nested_tensor = False
 
 
+def _spec(q):
+    try:
+        return q.spec()
+    except NotImplementedError:
+        return None
+
+
 def share_attention_inputs_(model: nn.Module) -> list[list[str]]:
     """Give the projections of a split MHA that torch's transformer layers feed the same tensor one
     input quantizer (self_attn(x, x, x): q/k/v; a decoder's multihead_attn(x, mem, mem): k/v), when
@@ -145,7 +152,7 @@ def share_attention_inputs_(model: nn.Module) -> list[list[str]]:
             if mha is None or not is_split(mha):
                 continue
             qs = [input_quantizer(getattr(mha, p)) for p in members]
-            if any(q is None for q in qs) or len({repr(q.spec()) for q in qs}) != 1:
+            if any(q is None for q in qs) or len({repr(_spec(q)) for q in qs}) != 1 or _spec(qs[0]) is None:
                 continue
             for p in members[1:]:
                 set_input_quantizer(getattr(mha, p), qs[0])
