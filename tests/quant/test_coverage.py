@@ -70,8 +70,8 @@ def test_calibrate_on_an_empty_loader_says_so():
 
 def test_calibrate_still_blames_torch_mha_if_left_unsplit(monkeypatch):
     """Without the split, torch's MHA calls out_proj.weight functionally: the message says so."""
-    import slimtorch.quant.api as api
-    monkeypatch.setattr(api, "_split_selected_mha", lambda *a: [])
+    import slimtorch.quant.mha as mha
+    monkeypatch.setattr(mha, "split_selected_", lambda *a: [])
     model = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), 1,
                                   enable_nested_tensor=False)
     st.quantize_(model, st.LSQ())

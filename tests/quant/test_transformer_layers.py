@@ -100,3 +100,10 @@ def test_decoder_layer_cross_attention():
     x, mem = torch.randn(2, 5, D), torch.randn(2, 6, D)
     # self_attn (q/k/v shared) + out, cross q, cross k/v shared, cross out, linear1, linear2
     assert st.calibrate(layer, lambda m: m(x, mem)) == 7
+
+
+def test_hawq_traces_cover_the_split_projections():
+    from slimtorch.search.hessian import select_weights
+    model = _encoder(True, False)
+    chosen, _ = select_weights(model)
+    assert {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"} <= set(chosen)

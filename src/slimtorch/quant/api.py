@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..attach import (_as_list, add_weight_transform, find_layers, find_transform, input_quantizer, raw_weight,
+from ..attach import (add_weight_transform, find_layers, find_transform, input_quantizer, raw_weight,
                       set_input_quantizer)
 from ..config import handler_for, register_handler
 from ..errors import ConfigError, PatternError
@@ -64,7 +64,6 @@ def quantize_(model: nn.Module, config, include=None, exclude=None, plan=None) -
     ``v_proj``, ``out_proj``) is first split into projection Linears (quant/mha.py) so that all its
     weights and inputs are quantized. Modules holding parameters slimtorch cannot quantize (GRU,
     custom layers) are named in a warning and in ``report``."""
-    _split_selected_mha(model, include, exclude)
     layers = find_layers(model, include, exclude)
     for name, m in layers.items():
         if weight_quantizer(m) is not None or input_quantizer(m) is not None:
@@ -81,19 +80,6 @@ def quantize_(model: nn.Module, config, include=None, exclude=None, plan=None) -
     share_attention_inputs_(model)
     warn_float_modules(model)
     return model
-
-
-def _split_selected_mha(model, include, exclude) -> list[str]:
-    """Split the MultiheadAttention modules one of whose projections the globs select."""
-    import fnmatch
-
-    from .mha import PROJ, split_all_
-    inc, exc = _as_list(include), _as_list(exclude)
-    chosen = lambda n: ((not inc or any(fnmatch.fnmatchcase(n, p) for p in inc))  # noqa: E731
-                        and not any(fnmatch.fnmatchcase(n, p) for p in exc))
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
-             and any(chosen(f"{n}.{p}" if n else p) for p in PROJ + ("out_proj",))]
-    return split_all_(model, names) if names else []
 
 
 def per_channel_shape(weight: torch.Tensor) -> tuple[int, ...]:

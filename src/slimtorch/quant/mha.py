@@ -123,6 +123,19 @@ def split_all_(model: nn.Module, names=None) -> list[str]:
     return out
 
 
+def split_selected_(model, include, exclude) -> list[str]:
+    """Split the MultiheadAttention modules one of whose projections the globs select."""
+    import fnmatch
+
+    from ..attach import _as_list
+    inc, exc = _as_list(include), _as_list(exclude)
+    chosen = lambda n: ((not inc or any(fnmatch.fnmatchcase(n, p) for p in inc))  # noqa: E731
+                        and not any(fnmatch.fnmatchcase(n, p) for p in exc))
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+             and any(chosen(f"{n}.{p}" if n else p) for p in PROJ + ("out_proj",))]
+    return split_all_(model, names) if names else []
+
+
 def block_fast_paths_(model: nn.Module) -> None:
     """Turn off TransformerEncoder's nested-tensor fast path where a layer holds a split MHA (the
     converted layers cannot take nested tensors; torch checks ``use_nested_tensor`` first)."""
