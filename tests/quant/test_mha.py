@@ -116,3 +116,11 @@ def test_plan_and_globs_name_projections():
     st.quantize_(mha, st.LSQ(w_bits=4, a_bits=4), plan={"k_proj": 8}, exclude=["v_proj"])
     assert weight_quantizer(mha.k_proj).bits == 8 and weight_quantizer(mha.q_proj).bits == 4
     assert weight_quantizer(mha.v_proj) is None and input_quantizer(mha.v_proj) is None
+
+
+def test_share_input_quantizers_groups_self_attention_projections():
+    mha = nn.MultiheadAttention(E, H, batch_first=True)
+    st.quantize_(mha, st.LSQ(w_bits=4, a_bits=4))
+    x = torch.randn(N, L, E)
+    assert st.share_input_quantizers(mha, lambda m: m(x, x, x)) == [list(PROJ)]
+    assert st.calibrate(mha, lambda m: m(x, x, x)) == 2
