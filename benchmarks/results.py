@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+ROOT = Path(__file__).resolve().parent.parent
 TITLE = "# slimtorch benchmark results\n\nEvery section below is written by the command it names.\n"
 
 
@@ -22,8 +23,31 @@ def machine_line() -> str:
             f"load average {la[0]:.2f}/{la[1]:.2f}/{la[2]:.2f}")
 
 
+def _relative(arg: str, root: Path) -> str:
+    """``arg`` with an absolute path inside the checkout made relative to its root."""
+    p = Path(arg)
+    if p.is_absolute():
+        try:
+            return p.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            return arg
+    return arg
+
+
+def command_line(argv=None, root: Path = ROOT, module: str | None = None) -> str:
+    """The command that ran, as one can type it at the repo root: ``python benchmarks/x.py ...``
+    (or ``python -m benchmarks.x ...`` when run with -m); paths inside the checkout relative."""
+    if argv is None:
+        argv = list(sys.argv)
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if module is None and spec is not None and spec.name != "__main__":
+            module = spec.name
+    head = [f"-m {module}"] if module else [_relative(argv[0], root)] if argv else []
+    return " ".join(["python", *head, *(_relative(a, root) for a in argv[1:])])
+
+
 def write_section(name: str, body: str, command: str | None = None) -> None:
-    command = command or "python " + " ".join(sys.argv)
+    command = command or command_line()
     block = (f"<!-- BEGIN {name} -->\n## {name}\n\n_Command:_ `{command}`  \n"
              f"_Run:_ {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine_line()}\n\n"
              f"{body.strip()}\n<!-- END {name} -->\n")

@@ -23,7 +23,12 @@ def _as_list(p):
 
 def find_layers(model: nn.Module, include=None, exclude=None, types=QUANTIZABLE) -> dict[str, nn.Module]:
     """Layers of ``types`` whose qualified name matches an ``include`` glob (all when None) and no
-    ``exclude`` glob. A pattern that matches no layer raises PatternError naming it."""
+    ``exclude`` glob. A pattern that matches no layer raises PatternError naming it.
+    An nn.MultiheadAttention one of whose projections the globs select is split first (in place,
+    same outputs) into q/k/v_proj Linears, so that all its projections are layers (quant/mha.py)."""
+    if types == QUANTIZABLE:
+        from .quant.mha import split_selected_
+        split_selected_(model, include, exclude)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, types)}
     if not layers:
         raise PatternError(f"no quantizable layer ({', '.join(t.__name__ for t in types)}) in "

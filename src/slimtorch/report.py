@@ -1,11 +1,13 @@
 """``report(model)``: per-layer rows (name, kind, params, weight bits, activation bits, bytes) and
-totals (bytes, FP32 bytes, compression ratio), printable as a table or markdown."""
+totals (bytes, FP32 bytes, compression ratio), printable as a table or markdown; a "stays float"
+line for every module holding parameters slimtorch cannot quantize (quant/coverage.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from .quant.coverage import float_lines, float_modules
 from .search.budget import model_costs
 
 
@@ -35,9 +37,11 @@ def render_markdown(head, body, foot) -> str:
 class Report:
     rows: list = field(default_factory=list)
     totals: dict = field(default_factory=dict)
+    floats: list = field(default_factory=list)   # quant.coverage.float_modules entries
 
     def to_dict(self) -> dict:
-        return {"layers": [dict(r) for r in self.rows], **self.totals}
+        return {"layers": [dict(r) for r in self.rows], **self.totals,
+                "float_modules": [dict(e) for e in self.floats]}
 
     def _table(self):
         head = ["layer", "kind", "params", "W bits", "A bits", "bytes"]
@@ -52,12 +56,14 @@ class Report:
         t = self.totals
         tail = (f"FP32 {_fmt_bytes(t['fp32_bytes'])} -> {_fmt_bytes(t['bytes'])}  "
                 f"(x{t['compression']:.2f} smaller; other float params: {t['other_params']:,})")
-        return "\n".join([*render_table(*self._table()), tail])
+        return "\n".join([*render_table(*self._table()), tail, *float_lines(self.floats)])
 
     def to_markdown(self) -> str:
         t = self.totals
         return (render_markdown(*self._table()) +
-                f"\n\nFP32 {t['fp32_bytes']:,} B -> {t['bytes']:,} B (x{t['compression']:.2f}).\n")
+                f"\n\nFP32 {t['fp32_bytes']:,} B -> {t['bytes']:,} B (x{t['compression']:.2f}).\n"
+                + "".join(f"\n- {line}" for line in float_lines(self.floats))
+                + ("\n" if self.floats else ""))
 
 
 def report(model: nn.Module) -> Report:
@@ -66,4 +72,4 @@ def report(model: nn.Module) -> Report:
     totals = {"bytes": costs["bytes"], "fp32_bytes": costs["fp32_bytes"],
               "compression": costs["compression"], "other_params": costs["other_params"],
               "params": sum(r["params"] for r in rows) + costs["other_params"]}
-    return Report(rows, totals)
+    return Report(rows, totals, float_modules(model))

@@ -26,6 +26,8 @@ base64-encoded by container.py):
                 a layer in ``layers`` (kind, params and w_bits follow from its entry), [name, bytes,
                 kind, params] for a float layer (in the state)
     theory      {bytes, fp32_bytes, params}: theoretical totals of ``model_costs``
+    split_mha   (optional) names of the nn.MultiheadAttention modules whose projections were split
+                into q/k/v_proj Linears (quant/mha.py); ``load_packed`` splits them in the fresh model
     crc32       per-tensor CRC32s (container.py; the SHA-256 digests sit next to this text)
 
 Version 1 (read, not written) stored the text as plain JSON, one <name>.params tensor per layer
@@ -167,9 +169,11 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
         tensors[f"state.{code}"] = torch.cat([sd[k].detach().reshape(-1) for k, _ in keys])
     costs = model_costs(model)
     names = {e["name"] for e in layers}
+    from ..quant.mha import is_split
+    split = [n for n, m in model.named_modules() if is_split(m)]
     meta = {"format": FORMAT, "version": VERSION, "model": type(model).__name__,
-            **({"build": build} if build else {}), "quantizers": table, "layers": layers,
-            "state": state,
+            **({"build": build} if build else {}), **({"split_mha": split} if split else {}),
+            "quantizers": table, "layers": layers, "state": state,
             "costs": [[r.name, r.bytes, r.a_bits] if r.name in names else [r.name, r.bytes, r.kind, r.params]
                       for r in costs["layers"]],
             "theory": {"bytes": costs["bytes"], "fp32_bytes": costs["fp32_bytes"], "params": costs["params"]}}
@@ -276,6 +280,12 @@ def load_packed(path, model_or_factory=None, runtime: str = "float") -> nn.Modul
         raise ConfigError(f"model factory returned {type(model).__name__}, expected an nn.Module")
     if any(True for _ in quantized_layers(model)):
         raise ConfigError("load_packed needs a float model (no quantizers attached): build a fresh one")
+    if meta.get("split_mha"):       # MultiheadAttention projections as Linears, as when saved
+        from ..quant.mha import split_all_
+        found = split_all_(model, set(meta["split_mha"]))
+        if sorted(found) != sorted(meta["split_mha"]):
+            raise CheckpointError(f"{path}: the file has MultiheadAttention modules "
+                                  f"{sorted(set(meta['split_mha']) - set(found))} the model lacks")
     sd, plan = model.state_dict(), []
     int32_bias = {e["name"]: bool(e.get("int32_bias")) for e in meta["layers"]}
     shared_aq = {e["name"]: e["aq_shared"] for e in meta["layers"] if e.get("aq_shared")}

@@ -58,7 +58,12 @@ def _normalise_plan(plan, layers, cfg) -> dict[str, tuple[int, int | None]]:
 def quantize_(model: nn.Module, config, include=None, exclude=None, plan=None) -> nn.Module:
     """Attach quantizers in place to every Conv1d/Conv2d/Linear (weight + input activation) and
     Embedding (weight) matched by the include/exclude globs; all layers by default, first and last
-    included. ``plan`` overrides bits per layer (e.g. a HAWQ-V2 result). Returns ``model``."""
+    included. ``plan`` overrides bits per layer (e.g. a HAWQ-V2 result). Returns ``model``.
+
+    An ``nn.MultiheadAttention`` with a selected projection (``<mha>.q_proj``, ``k_proj``,
+    ``v_proj``, ``out_proj``) is first split into projection Linears (quant/mha.py) so that all its
+    weights and inputs are quantized. Modules holding parameters slimtorch cannot quantize (GRU,
+    custom layers) are named in a warning and in ``report``."""
     layers = find_layers(model, include, exclude)
     for name, m in layers.items():
         if weight_quantizer(m) is not None or input_quantizer(m) is not None:
@@ -70,6 +75,10 @@ def quantize_(model: nn.Module, config, include=None, exclude=None, plan=None) -
         for m in layers.values():
             if weight_quantizer(m) is not None and input_quantizer(m) is not None:
                 attach_int32_bias(m)
+    from .coverage import warn_float_modules
+    from .mha import share_attention_inputs_
+    share_attention_inputs_(model)
+    warn_float_modules(model)
     return model
 
 
@@ -113,6 +122,10 @@ def calibrate(model: nn.Module, forward_loop: Callable | Iterable, num_batches: 
     activation quantizer observing (float pass-through), then initialise each from what it saw.
     Returns the number of quantizers initialised. The model's train/eval mode is restored."""
     acts = list({id(aq): aq for *_, aq in quantized_layers(model) if aq is not None}.values())
+    owners: dict[int, list[str]] = {}
+    for name, _, _, aq in quantized_layers(model):
+        if aq is not None:
+            owners.setdefault(id(aq), []).append(name)
     if reinit_weights:
         for _, m, wq, _ in quantized_layers(model):
             if wq is not None:
@@ -123,14 +136,20 @@ def calibrate(model: nn.Module, forward_loop: Callable | Iterable, num_batches: 
     model.eval()
     for q in acts:
         q.start_observing()
+    from .coverage import explain_unseen, record_calls
     try:
-        _iterate(forward_loop, model, num_batches)
+        with record_calls() as ran:
+            _iterate(forward_loop, model, num_batches)
     finally:
         seen = [bool(getattr(q, "_obs", [])) for q in acts]
         for q in acts:
             q.finish_observing()
         model.train(was_training)
     if not all(seen):
-        raise ConfigError(f"calibration saw no data for {seen.count(False)} activation quantizer(s): "
-                          "the forward_loop did not run the model (empty loader?)")
+        if not any(id(m) in ran for m in model.modules()):
+            raise ConfigError(f"calibration saw no data for {seen.count(False)} activation quantizer(s): "
+                              "the forward_loop did not run the model (empty loader?)")
+        names = [n for q, ok in zip(acts, seen) if not ok for n in owners[id(q)]]
+        raise ConfigError(f"calibration saw no data for {seen.count(False)} activation quantizer(s), the "
+                          "input quantizers of: " + "; ".join(explain_unseen(model, names, ran)))
     return len(acts)
