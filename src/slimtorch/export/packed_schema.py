@@ -120,6 +120,7 @@ class Meta(_Strict):
                       tuple[Text, Text, Count, Bits, Optional[Bits], Bytes]]]   # v1
     theory: Theory
     crc32: Annotated[str, Field(pattern="^[0-9a-f]*$")]
+    split_mha: Optional[Annotated[list[Text], Field(max_length=100_000)]] = None   # MHA split into Linears
 
 
 _NOISE = {"int", "float", "str", "bool", "none", *SPEC_TYPES, "zoo", "hf"}
