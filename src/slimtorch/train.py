@@ -215,9 +215,10 @@ def _check_resume_config(ckpt: dict, config: TrainConfig, path) -> None:
             raise ConfigError(f"cannot resume from {path}: it was written with other training settings "
                               + ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in diff)
                               + "; use a new output folder or the original settings")
-    if config.progress:
-        print(f"resuming from {path} (epoch {st.get('epoch', 0)}/{config.epochs}, step "
-              f"{st.get('step_in_epoch', 0)} of that epoch; SHA-256 verified)", file=sys.stderr)
+    # always said, progress bars or not: which file a resumed run continues from
+    print(f"resuming from {path} (epoch {st.get('epoch', 0)}/{config.epochs}, step "
+          f"{st.get('step_in_epoch', 0)} of that epoch; "
+          f"{'SHA-256 verified' if ckpt['version'] >= 2 else 'format v1, no checksum'})", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- train / evaluate
