@@ -24,6 +24,7 @@ effective bits (qmax = (2^(b-1) - 1) d); a one-element bit set freezes the bits 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -93,15 +94,28 @@ class UniformQuantizer(UhlichBase):
 
     # -- initialisation (Sec. 4 and model_resnet.py) --
     def _values(self, d: float, b: int) -> dict:
-        qmax = d * (2 ** (b - self._s()) - 1)
-        return {"b": b, "d": d, "qmax": qmax}
+        """b, d and qmax = (2^(b-s) - 1) d (Eq. 1) at the requested b. When d (a power of two) lies
+        outside what the ranges allow at b bits (d range; for U2/U3 also qmax = L d in the qmax
+        range), d moves to the nearest allowed power of two and qmax follows it: the bits stay b
+        whatever max|x| (the range is clipped instead; training moves d and qmax from there)."""
+        L = 2 ** (b - self._s()) - 1
+        p = self.parametrization
+        bounds = []
+        if p in ("U1", "U3"):
+            bounds.append((*self._exp_range("d"), False))
+        if p in ("U2", "U3"):
+            bounds.append((*self._exp_range("qmax", L), True))
+        e = self._init_exponent(math.log2(d), bounds)
+        if e is None:
+            raise ConfigError(self._unreachable_msg())
+        return {"b": b, "d": 2.0 ** e, "qmax": L * 2.0 ** e}
 
     def paper_init(self):
-        self._set(**self._values(PAPER_STEP, self.init_bits))
+        self._set_init(self._values(PAPER_STEP, self.init_bits))
 
     def init_from_max(self, maxabs: float):
         b = self.init_bits
-        self._set(**self._values(self._delta(maxabs, b, self._s()), b))
+        self._set_init(self._values(self._delta(maxabs, b, self._s()), b))
 
     def clip_bound(self):
         return self.d if "d" in self._parameters else self._grid()[0]
