@@ -7,6 +7,7 @@ from .config import config_from_dict, config_to_dict, load_config, save_config
 from .errors import CheckpointError, ConfigError, DataError, PatternError, SlimtorchError
 from .quant import LSQ, LSQPlus, calibrate, quantize_, quantized_layers, share_input_quantizers
 from .quant.uhlich import Uhlich
+from .quant.param_groups import quantizer_param_groups
 from .report import report
 from .search.penalty import MemoryBudget, freeze_bits_, penalty, read_plan, step
 from .search.hawq import HAWQConfig, hawq_plan, hawq_search
@@ -17,7 +18,7 @@ from .export.onnx_layernorm import unfuse_skip_layernorm_file
 __version__ = "0.1.0"
 
 __all__ = ["LSQ", "LSQPlus", "Uhlich", "calibrate", "quantize_", "quantized_layers", "share_input_quantizers", "report",
-           "penalty", "step", "read_plan", "freeze_bits_", "MemoryBudget", "HAWQConfig", "hawq_plan", "hawq_search",
+           "penalty", "step", "quantizer_param_groups", "read_plan", "freeze_bits_", "MemoryBudget", "HAWQConfig", "hawq_plan", "hawq_search",
            "hutchinson_traces", "save_packed", "load_packed", "export_onnx", "unfuse_skip_layernorm_file",
            "config_from_dict", "config_to_dict", "load_config", "save_config",
            "CheckpointError", "ConfigError", "DataError", "PatternError", "SlimtorchError"]

@@ -64,6 +64,15 @@ def _export(model, out: Path, recipe: Recipe, example) -> dict:
     return info
 
 
+def _groups(model, cfg):
+    """Adam/AdamW with learned-bit quantizers: their parameters at a relative learning rate
+    (quant/param_groups.py), so a budget is met in tens of steps; None (one group) otherwise."""
+    from .quant.param_groups import _learned_quantizers, quantizer_param_groups
+    if cfg.optimizer == "sgd" or not _learned_quantizers(model):
+        return None
+    return quantizer_param_groups(model, lr=cfg.lr)
+
+
 def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool = True) -> dict:
     """Execute ``recipe`` writing into ``out_dir``; returns the metrics (also in metrics.json).
     File paths in the metrics are relative to ``out_dir``; wall times are under ``timing``."""
@@ -110,7 +119,7 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
         if recipe.finetune is not None and cfg.epochs > 0:
             # budget penalties (Uhlich) and per-step value clipping: no-ops for methods without them
             train(model, tr.batches, cfg, checkpoint_path=out / "finetune.ckpt", resume=resume,
-                  extra_loss=penalty, on_step=lambda m, _s: step(m))
+                  extra_loss=penalty, on_step=lambda m, _s: step(m), param_groups=_groups(model, cfg))
         metrics["plan"] = read_plan(model)
     rep = report(model)
     metrics["accuracy"] = evaluate(model, test.batches(0))["accuracy"]

@@ -82,7 +82,8 @@ def test_existing_functions_unchanged():
     bits = {n: (4, 4) for n in shapes}
     assert B.bitops(shapes, bits) == sum(s.macs for s in shapes.values()) * 16
     cost = B.layer_cost("5", m[5])
-    assert cost.bytes == math.ceil(1280 * 4 / 8) + 4 * (10 + 2) and cost.qparams == 2
+    # U3 stores two floats per quantizer (d and qmax), as the packed file does (issue 11, item 3)
+    assert cost.bytes == math.ceil(1280 * 4 / 8) + 4 * (10 + 2 * 2) and cost.qparams == 4
 
 
 class _Gain(nn.Module):

@@ -122,17 +122,34 @@ class Pow2Quantizer(UhlichBase):
 
     # -- initialisation (model_resnet.py get_quantizers / nonl) --
     def _values(self, d: float, b: int) -> dict:
+        """b, qmax = 2^round(log2(d (2^(b-s) - 1))) and qmin = qmax / 2^(M-1) (Eq. 4 relation, M
+        magnitudes). qmax (P1, P3) and qmin (P2, P3) are moved into their ranges together, keeping
+        the ratio, so the bits stay b whatever max|x|. P3 whose ranges cannot hold the full ratio
+        (6 bits: 2^31) gets the smallest ratio that still infers b bits (2^(M/2)), and beyond that
+        (8 bits) the widest one: enough when a bit set rounds up to b, refused otherwise."""
         s, z = self._s(), self._z()
-        qmax = 2.0 ** round(math.log2(d * (2 ** (b - s) - 1)))
-        qmin = qmax / 2.0 ** (2 ** (b - s - z) - 1)
-        return {"b": b, "qmax": qmax, "qmin": qmin}
+        m1 = 2 ** (b - s - z) - 1
+        p = self.parametrization
+        qmax_b = (*self._exp_range("qmax"), False)
+        qmin_b = (*self._exp_range("qmin", shift=m1), False)
+        bounds = {"P1": [qmax_b], "P2": [qmin_b], "P3": [qmax_b, qmin_b]}[p]
+        e0 = math.log2(d * (2 ** (b - s) - 1))
+        e = self._init_exponent(e0, bounds)
+        if e is None:                    # P3 only: a ratio that still infers b bits (Sec. 4)
+            r = 2 ** max(b - s - z - 1, 0)       # b = ceil(log2(r + 1) + s + z) needs r >= this
+            e = self._init_exponent(e0, [qmax_b, (*self._exp_range("qmin", shift=r), False)])
+            if e is None:
+                e = self._init_exponent(e0, [qmax_b])
+            lo_min = round(math.log2(self.ranges["qmin"][0]))
+            return {"b": b, "qmax": 2.0 ** e, "qmin": 2.0 ** min(max(e - m1, lo_min), e)}
+        return {"b": b, "qmax": 2.0 ** e, "qmin": 2.0 ** (e - m1)}
 
     def paper_init(self):
-        self._set(**self._values(2.0 ** -3, self.init_bits))
+        self._set_init(self._values(2.0 ** -3, self.init_bits))
 
     def init_from_max(self, maxabs: float):
         b = self.init_bits
-        self._set(**self._values(self._delta(maxabs, b, self._s()), b))
+        self._set_init(self._values(self._delta(maxabs, b, self._s()), b))
 
     def clip_bound(self):
         return self.qmin if "qmin" in self._parameters else self._grid()[0]

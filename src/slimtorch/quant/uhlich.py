@@ -24,6 +24,7 @@ effective bits (qmax = (2^(b-1) - 1) d); a one-element bit set freezes the bits 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -93,15 +94,28 @@ class UniformQuantizer(UhlichBase):
 
     # -- initialisation (Sec. 4 and model_resnet.py) --
     def _values(self, d: float, b: int) -> dict:
-        qmax = d * (2 ** (b - self._s()) - 1)
-        return {"b": b, "d": d, "qmax": qmax}
+        """b, d and qmax = (2^(b-s) - 1) d (Eq. 1) at the requested b. When d (a power of two) lies
+        outside what the ranges allow at b bits (d range; for U2/U3 also qmax = L d in the qmax
+        range), d moves to the nearest allowed power of two and qmax follows it: the bits stay b
+        whatever max|x| (the range is clipped instead; training moves d and qmax from there)."""
+        L = 2 ** (b - self._s()) - 1
+        p = self.parametrization
+        bounds = []
+        if p in ("U1", "U3"):
+            bounds.append((*self._exp_range("d"), False))
+        if p in ("U2", "U3"):
+            bounds.append((*self._exp_range("qmax", L), True))
+        e = self._init_exponent(math.log2(d), bounds)
+        if e is None:
+            raise ConfigError(self._unreachable_msg())
+        return {"b": b, "d": 2.0 ** e, "qmax": L * 2.0 ** e}
 
     def paper_init(self):
-        self._set(**self._values(PAPER_STEP, self.init_bits))
+        self._set_init(self._values(PAPER_STEP, self.init_bits))
 
     def init_from_max(self, maxabs: float):
         b = self.init_bits
-        self._set(**self._values(self._delta(maxabs, b, self._s()), b))
+        self._set_init(self._values(self._delta(maxabs, b, self._s()), b))
 
     def clip_bound(self):
         return self.d if "d" in self._parameters else self._grid()[0]
@@ -143,6 +157,9 @@ class Uhlich(QuantConfig):
     or "B"), penalised with lambdas (lambda_w, lambda_sum, lambda_max) * max(0, g)^2 (Eq. 10).
     bias_bits: count the bias at the weight bits (paper Table 2) instead of float32 (packed file).
     clip_grads: clip d/qmax gradients to [-d, d]; None = on exactly when a target is set (official).
+    freeze_after: ``step(model)`` freezes every layer's bits once the targets are met for this many
+    consecutive steps (None: never); freeze_at: ... at this step anyway, lowering weight bits
+    greedily if the weight target is still exceeded (None: never). See search/bit_freeze.py.
     """
     kind: str = "uniform"
     parametrization: str | None = None
@@ -167,6 +184,8 @@ class Uhlich(QuantConfig):
     lambdas: tuple[float, float, float] = (0.1, 0.1, 0.1)
     bias_bits: bool = False
     clip_grads: bool | None = None
+    freeze_after: int | None = 10
+    freeze_at: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -189,6 +208,10 @@ class Uhlich(QuantConfig):
                 raise ConfigError(f"{name}={v!r}: a budget must be a number > 0 (or None)")
         if len(self.lambdas) != 3 or any(not isinstance(v, (int, float)) or v < 0 for v in self.lambdas):
             raise ConfigError(f"lambdas={self.lambdas!r}: expected three numbers >= 0")
+        for name in ("freeze_after", "freeze_at"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name}={v!r}: expected a number of steps >= 1 (or None)")
         if self.kind == "pow2" and self.activations == "unsigned" and not self.a_zero:
             raise ConfigError("a_zero=False with unsigned pow2 activations cannot represent 0")
 
@@ -241,7 +264,8 @@ def _apply_uhlich(model: nn.Module, cfg: Uhlich, layers, bits):
         from ..search.penalty import MemoryBudget, attach_budget
         budget = MemoryBudget(weight=cfg.target_weight, act_sum=cfg.target_act_sum,
                               act_max=cfg.target_act_max, unit=cfg.target_unit, lambdas=cfg.lambdas,
-                              bias_bits=cfg.bias_bits)
+                              bias_bits=cfg.bias_bits, freeze_after=cfg.freeze_after,
+                              freeze_at=cfg.freeze_at)
         budget.check(model, activations=False)   # activation sizes are checked at the first penalty
         attach_budget(model, budget)
 

@@ -226,6 +226,43 @@ class UhlichBase(Quantizer):
         v = math.log2(max(maxabs, 1e-12) / (2 ** (b - s) - 1))
         return 2.0 ** (math.ceil(v) if b > 4 else math.floor(v))
 
+    def _exp_range(self, name: str, scale: float = 1.0, shift: int = 0) -> tuple:
+        """Exponents e such that 2^e * scale is a value parameter ``name`` reaches in the forward pass
+        (its range less the clipping margin, then pow2 rounding), e shifted by ``shift``: (lo, hi)
+        as floats."""
+        lo, hi = self.ranges[name]
+        lo, hi = lo + CLIP_MARGIN, hi - CLIP_MARGIN
+        return math.log2(lo / scale) + shift, math.log2(hi / scale) + shift
+
+    def _init_exponent(self, e: float, bounds) -> int:
+        """round(e) moved into the intersection of ``bounds`` [(lo, hi), ...] (log2 domain, rounded
+        to the nearest integer exponent as the forward pass's pow2 rounding does; a bound whose
+        third entry is True is exact: ceil/floor); None when the ranges leave no exponent."""
+        lo = max(math.ceil(b[0] - 1e-9) if b[2] else round(b[0]) for b in bounds)
+        hi = min(math.floor(b[1] + 1e-9) if b[2] else round(b[1]) for b in bounds)
+        return None if lo > hi else int(min(max(round(e), lo), hi))
+
+    def _unreachable_msg(self) -> str:
+        names = ", ".join(f"{k} {self.ranges[k]}" for k in self._parameters if k != "b")
+        return (f"{self.KIND} {self.parametrization} {self.role} quantizer: init bits={self.init_bits} "
+                f"cannot be represented within the parameter ranges ({names}); widen the range(s) "
+                "(e.g. the qmin range for pow2), choose fewer bits or a b parametrization (U1/U2, P1/P2)")
+
+    def _effective(self, b: int) -> int:
+        """Bits ``b`` after the floor and the bit set (no tie): what read_plan shows for own bits b."""
+        b = max(b, self.bits_floor)
+        return b if self.bit_set is None else next((v for v in self.bit_set if v >= b), self.bit_set[-1])
+
+    def _set_init(self, values: dict) -> None:
+        """Set the initial parameters and check that they give the requested bits (item: the init
+        keeps ``init_bits`` whatever the data range; ranges that cannot represent them are an error)."""
+        self._set(**values)
+        with torch.no_grad():
+            own = int(self.own_bits_tensor())
+        want = max(self.init_bits, self._bmin())
+        if not self.frozen and self._effective(own) != self._effective(want):
+            raise ConfigError(self._unreachable_msg() + f" (they give {own} bits)")
+
     def _set(self, **values):
         for k, v in values.items():
             if k in self._parameters:
@@ -324,4 +361,6 @@ class UhlichBase(Quantizer):
                 "clip_grads": self.clip_grads, "bits_floor": floor, "with_zero": self.with_zero}
 
     def num_qparam_values(self) -> int:
-        return 1
+        """Float values the packed file stores for this quantizer: its float state (the two learned
+        scalars of the parametrization, e.g. d and qmax for U3), as ``save_packed`` writes them."""
+        return sum(v.numel() for v in self.state_dict().values() if v.is_floating_point())

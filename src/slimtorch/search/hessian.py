@@ -14,6 +14,7 @@ a mean over the batch, v^T H v estimates the mean over samples of the per-sample
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -30,10 +31,12 @@ from ..attach import find_layers, raw_weight
 from ..errors import ConfigError, DataError, PatternError
 
 FROZEN_MODES = ("skip", "trace", "error")
-EAGER_HINT = ("PyTorch's fused scaled-dot-product (flash) attention kernel has no double backward, so "
-              "Hessian-vector products fail. Load Hugging Face models with "
-              "AutoModel.from_pretrained(..., attn_implementation=\"eager\") (or set "
-              "model.config._attn_implementation = \"eager\") before computing Hessian traces")
+EAGER_HINT = ("an attention kernel without double backward ran, so Hessian-vector products fail, although "
+              "the traces run scaled_dot_product_attention on its math kernel (sdpa_kernel(SDPBackend.MATH), "
+              "which covers torch's nn.MultiheadAttention / nn.TransformerEncoder and Hugging Face's "
+              "\"sdpa\" attention). A custom attention op is the likely cause: compute it with plain "
+              "matmul/softmax, or for Hugging Face models load with "
+              "AutoModel.from_pretrained(..., attn_implementation=\"eager\")")
 
 
 @dataclass
@@ -101,6 +104,17 @@ def batch_size(batch) -> int:
 def _is_sdpa_error(e: Exception) -> bool:
     msg = str(e).lower()
     return "scaled_dot_product" in msg or "flash_attention" in msg or "efficient_attention" in msg
+
+
+def math_attention():
+    """Context forcing scaled_dot_product_attention onto its math kernel: the fused (flash /
+    memory-efficient) kernels that torch's nn.MultiheadAttention and Hugging Face's "sdpa" attention
+    pick have no double backward, the math kernel (same function, plain ops) does."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _rademacher(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -235,7 +249,8 @@ def hutchinson_traces(model: nn.Module, data, loss_fn: Callable | None = None, *
     def forward(batch):
         if probe is not None:
             probe.reset()
-        loss = data(model) if closure else loss_fn(model, batch)
+        with math_attention():      # the kernel is chosen in the forward; its backward follows
+            loss = data(model) if closure else loss_fn(model, batch)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ConfigError("the loss (closure or loss_fn) must return a scalar tensor")
         deltas = [d for n in names for d in probe.deltas[n]] if probe is not None else []

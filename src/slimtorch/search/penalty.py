@@ -67,15 +67,23 @@ def min_bits(q) -> int:
 class MemoryBudget:
     """Targets (in ``unit``) for total weight size, total and largest per-sample activation size;
     None = unconstrained. ``lambdas`` = (weight, act_sum, act_max). ``bias_bits``: weight size as the
-    paper's Table 2 (bias at the weight bits) instead of the packed file (bias float32)."""
+    paper's Table 2 (bias at the weight bits) instead of the packed file (bias float32).
+    ``freeze_after`` / ``freeze_at``: when :func:`step` freezes the learned bits (bit_freeze.py)."""
     weight: float | None = None
     act_sum: float | None = None
     act_max: float | None = None
     unit: str = "kB"
     lambdas: tuple = (0.1, 0.1, 0.1)
     bias_bits: bool = False
+    freeze_after: int | None = None
+    freeze_at: int | None = None
 
     def __post_init__(self):
+        for name in ("freeze_after", "freeze_at"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name}={v!r}: expected a number of steps >= 1 (or None)")
+        self.steps, self.met_steps, self.frozen_at, self.projected = 0, 0, None, []
         if self.unit not in UNITS:
             raise ConfigError(f"unit={self.unit!r}; expected one of {sorted(UNITS)}")
         for name in ("weight", "act_sum", "act_max"):
@@ -234,8 +242,11 @@ def clip_quant_values_(model: nn.Module) -> int:
 
 
 def step(model: nn.Module) -> None:
-    """Call after each optimizer step: the value clipping plus the registered step functions."""
+    """Call after each optimizer step: the value clipping, the bit-freezing rule of the model's
+    budget (``freeze_after`` / ``freeze_at``, bit_freeze.py) and the registered step functions."""
+    from .bit_freeze import after_step
     clip_quant_values_(model)
+    after_step(model)
     for fn in _STEPS:
         fn(model)
 

@@ -1,0 +1,32 @@
+"""What the budget counts is what the packed file stores (issue 11, item 3): for every Uhlich
+parametrization the differentiable weight size of Eq. 8a (float32 bias and quantizer parameters,
+the packed-file variant) equals, layer by layer, the bytes ``save_packed`` spends on that layer."""
+import pytest
+import torch
+from torch import nn
+
+import slimtorch as st
+from slimtorch.export.file_report import file_report
+from slimtorch.search import budget as B
+
+
+@pytest.mark.parametrize("p", ["U1", "U2", "U3", "P1", "P2", "P3"])
+@pytest.mark.parametrize("extra", [{}, {"bit_set": (2, 4, 8), "tie_bits": True}])
+def test_budget_bytes_equal_file_bytes_per_layer(p, extra, tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 16, bias=False),
+                      nn.ReLU(), nn.Linear(16, 10))
+    kind = "uniform" if p[0] == "U" else "pow2"
+    st.quantize_(m, st.Uhlich(kind=kind, parametrization=p, w_bits=3, a_bits=4, a_init="float", **extra))
+    st.calibrate(m, [(torch.randn(8, 1, 8, 8),)], num_batches=1)
+    m(torch.randn(2, 1, 8, 8))
+    budget = {n: int(B.layer_weight_bytes_tensor(mod).detach()) for n, mod in m.named_modules()
+              if n in ("0", "3", "5")}
+    rep = file_report(st.save_packed(m, tmp_path / "m.slim")["path"])
+    rows = {r["name"]: r for r in rep.rows}
+    for name, nbytes in budget.items():
+        assert rows[name]["file_bytes"] == nbytes == rows[name]["theory_bytes"], (p, name)
+        assert nbytes == B.layer_cost(name, m.get_submodule(name)).bytes
+    assert sum(budget.values()) == B.weight_bytes(m)
+    # the Uhlich quantizers store two floats each (d/qmax, b/d, b/qmax, qmin/qmax, b/qmin)
+    assert B.layer_cost("3", m[3]).qparams == 4
