@@ -109,3 +109,35 @@ def test_search_without_compress_is_an_error():
     doc["search"] = {"method": "hawq"}
     with pytest.raises(ConfigError, match="compress"):
         parse_recipe(doc)
+
+
+def test_uhlich_resume_after_bits_froze_is_bit_identical(tmp_path, monkeypatch):
+    """The freezing rule's counters and frozen bit sets travel in the checkpoint (extra_state)."""
+    doc = {**DOC, "compress": {"method": "uhlich", "w_bits": 4, "a_bits": 4, "bit_set": [2, 4, 8],
+                               "target_weight": 12.0, "target_unit": "kB", "freeze_after": 3},
+           "export": {"path": "model.slim"}}
+    pipeline.run_recipe(parse_recipe(doc), tmp_path / "ref", progress=False)
+    real_train = pipeline.train
+    calls = {"n": 0}
+
+    def interrupting_train(model, batches, cfg, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            inner = kw["on_step"]
+
+            def on_step(m, step):
+                inner(m, step)
+                if step == 20:
+                    os.kill(os.getpid(), signal.SIGINT)
+            kw["on_step"] = on_step
+        return real_train(model, batches, cfg, **kw)
+
+    monkeypatch.setattr(pipeline, "train", interrupting_train)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_recipe(parse_recipe(doc), tmp_path / "cut", progress=False)
+    from slimtorch.checkpoint import read_checkpoint
+    saved = read_checkpoint(tmp_path / "cut" / "finetune.ckpt")["trainer_state"]["extra_state"]
+    assert saved["budget"]["frozen_at"] is not None          # the interruption came after the freeze
+    monkeypatch.setattr(pipeline, "train", real_train)
+    pipeline.run_recipe(parse_recipe(doc), tmp_path / "cut", resume=True, progress=False)
+    assert (tmp_path / "cut" / "model.slim").read_bytes() == (tmp_path / "ref" / "model.slim").read_bytes()

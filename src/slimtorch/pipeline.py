@@ -25,6 +25,7 @@ from .preflight import preflight
 from .quant import calibrate, quantize_
 from .recipe import Recipe
 from .report import report
+from .search.bit_freeze import freeze_state, load_freeze_state
 from .search.penalty import penalty, read_plan, step
 from .train import TrainConfig, evaluate, seed_everything, train
 
@@ -119,7 +120,8 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
         if recipe.finetune is not None and cfg.epochs > 0:
             # budget penalties (Uhlich) and per-step value clipping: no-ops for methods without them
             train(model, tr.batches, cfg, checkpoint_path=out / "finetune.ckpt", resume=resume,
-                  extra_loss=penalty, on_step=lambda m, _s: step(m), param_groups=_groups(model, cfg))
+                  extra_loss=penalty, on_step=lambda m, _s: step(m), param_groups=_groups(model, cfg),
+                  extra_state=(freeze_state, load_freeze_state))
         metrics["plan"] = read_plan(model)
     rep = report(model)
     metrics["accuracy"] = evaluate(model, test.batches(0))["accuracy"]

@@ -225,13 +225,15 @@ def _check_resume_config(ckpt: dict, config: TrainConfig, path) -> None:
 def train(model: torch.nn.Module, train_batches: Callable[[int], Iterable], config: TrainConfig, *,
           extra_loss: Callable | None = None, on_step: Callable | None = None,
           checkpoint_path=None, resume: bool = False, teacher: torch.nn.Module | None = None,
-          evaluate_fn: Callable | None = None, param_groups=None) -> dict:
+          evaluate_fn: Callable | None = None, param_groups=None, extra_state=None) -> dict:
     """Train ``model`` on ``train_batches(epoch)`` (an iterable of ``(x, y)`` whose order depends
     only on the seed and the epoch). Returns the history ``{"epochs": [...], "steps": [...]}``.
 
     Loss: cross-entropy (or :func:`distillation_loss` with ``teacher``) + ``extra_loss(model)``.
     After each ``optimizer.step()``: ``on_step(model, global_step)`` (1-based count of steps done).
     ``evaluate_fn(model) -> dict`` runs at each epoch end; its numbers go into ``history["epochs"]``.
+    ``extra_state=(get, set)``: ``get(model) -> dict`` of plain data saved with every checkpoint and
+    ``set(model, dict)`` applied on resume (state a compression method keeps outside tensors).
     With ``checkpoint_path``: saves every ``config.checkpoint_every`` steps, at each epoch end, and
     on SIGINT/SIGTERM (then raises KeyboardInterrupt). ``resume=True`` continues from an existing
     checkpoint bit-exactly (RNG included); without one it starts fresh.
@@ -255,6 +257,8 @@ def train(model: torch.nn.Module, train_batches: Callable[[int], Iterable], conf
     else:
         st = dict(ckpt["trainer_state"])
     history = st["history"]
+    if ckpt is not None and extra_state is not None and "extra_state" in st:
+        extra_state[1](model, st["extra_state"])
     if st["epoch"] >= config.epochs:  # already finished: hand back the final state
         if ckpt is not None:
             apply_checkpoint(ckpt, checkpoint_path, model=model, optimizer=optimizer)
@@ -269,8 +273,9 @@ def train(model: torch.nn.Module, train_batches: Callable[[int], Iterable], conf
 
     def save():
         if checkpoint_path is not None:
+            more = {"extra_state": extra_state[0](model)} if extra_state is not None else {}
             save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler,
-                            trainer_state=dict(st, config=config.to_dict()))
+                            trainer_state=dict(st, config=config.to_dict(), **more))
 
     was_training = model.training
     teacher_training = teacher.training if teacher is not None else False

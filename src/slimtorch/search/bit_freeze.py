@@ -95,4 +95,36 @@ def after_step(model: nn.Module) -> None:
         b.frozen_at = b.steps
 
 
-__all__ = ["after_step", "targets_met", "project_weight_budget_", "freeze_all_"]
+def freeze_state(model: nn.Module) -> dict:
+    """What the freezing rule changed, as plain data for a checkpoint (the trainer's ``extra_state``):
+    the budget's step counters and every learned quantizer's bit sets, by module name."""
+    from .penalty import get_budget
+    b = get_budget(model)
+    sets = {n: {"bit_set": list(q.bit_set) if q.bit_set else None,
+                "orig": list(q.__dict__["_orig_bit_set"] or []) if "_orig_bit_set" in q.__dict__ else False}
+            for n, q in model.named_modules() if _learned(q)}
+    counters = None if b is None else {"steps": b.steps, "met_steps": b.met_steps, "frozen_at": b.frozen_at,
+                                       "projected": [[n, int(v)] for n, v in b.projected]}
+    return {"budget": counters, "quantizers": sets}
+
+
+def load_freeze_state(model: nn.Module, state: dict) -> None:
+    """Restore :func:`freeze_state` into ``model`` (same module names), so a resumed run continues
+    with the same frozen bits and counters as the interrupted one."""
+    from .penalty import get_budget
+    mods = dict(model.named_modules())
+    for n, s in (state.get("quantizers") or {}).items():
+        q = mods.get(n)
+        if q is None or not _learned(q):
+            raise ValueError(f"freeze state names quantizer {n!r}, which the model does not have")
+        q.bit_set = tuple(s["bit_set"]) if s["bit_set"] else None
+        if s["orig"] is not False:
+            q.__dict__["_orig_bit_set"] = tuple(s["orig"]) or None
+    b, c = get_budget(model), state.get("budget")
+    if b is not None and c is not None:
+        b.steps, b.met_steps, b.frozen_at = c["steps"], c["met_steps"], c["frozen_at"]
+        b.projected = [(n, v) for n, v in c["projected"]]
+
+
+__all__ = ["after_step", "targets_met", "project_weight_budget_", "freeze_all_", "freeze_state",
+           "load_freeze_state"]
