@@ -58,3 +58,40 @@ def test_needs_initialised_quantizers_and_data():
         st.reestimate_bn_(model, [])
     assert torch.equal(model[1].running_var, before)
     assert st.reestimate_bn_(model, [torch.randn(4, 2, 8, 8)] * 5, num_batches=2) == {"1": 2, "4": 2, "8": 2}
+
+
+def separable_cnn():
+    """A small depthwise-separable CNN for 8x8 digits: conv-BN-ReLU, then two (depthwise 3x3-BN-ReLU,
+    pointwise 1x1-BN-ReLU) blocks, global pooling, Linear."""
+    def block(cin, cout, stride=1):
+        return [nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU(),
+                nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         *block(8, 16), *block(16, 32, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+@pytest.mark.slow
+def test_reestimation_recovers_2bit_qat_accuracy_on_digits(capsys):
+    from slimtorch.data import load_dataset, make_loaders
+    from slimtorch.train import TrainConfig, evaluate, train
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # small convs: one thread is fastest and deterministic
+    try:
+        torch.manual_seed(0)
+        bundle = load_dataset("digits")
+        tr, te = make_loaders(bundle, batch_size=64, seed=0, test_batch_size=512)
+        model = separable_cnn()
+        train(model, tr.batches, TrainConfig(epochs=6, lr=1e-2, progress=False))
+        fp32 = evaluate(model, te.batches(0))["accuracy"]
+        st.quantize_(model, st.LSQ(w_bits=2, a_bits=2))
+        st.calibrate(model, tr.batches(0), num_batches=4)
+        train(model, tr.batches, TrainConfig(epochs=2, lr=1e-2, progress=False))
+        before = evaluate(model, te.batches(0))["accuracy"]
+        st.reestimate_bn_(model, tr.batches(0), num_batches=16)
+        after = evaluate(model, te.batches(0))["accuracy"]
+    finally:
+        torch.set_num_threads(threads)
+    with capsys.disabled():
+        print(f"\ndigits separable CNN: FP32 {100 * fp32:.1f}%, W2A2 QAT {100 * before:.1f}% -> "
+              f"BN re-estimated {100 * after:.1f}%")
+    assert fp32 > 0.85 and after >= before
