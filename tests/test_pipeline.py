@@ -141,3 +141,28 @@ def test_uhlich_resume_after_bits_froze_is_bit_identical(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "train", real_train)
     pipeline.run_recipe(parse_recipe(doc), tmp_path / "cut", resume=True, progress=False)
     assert (tmp_path / "cut" / "model.slim").read_bytes() == (tmp_path / "ref" / "model.slim").read_bytes()
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_fold_bn_and_reestimate_bn(tmp_path, fold):
+    doc = {**DOC, "data": {"name": "synthetic", "options": {"n": 96, "shape": [3, 8, 8]}},
+           "model": {"name": "bn_models:tiny_bn_cnn", "kwargs": {}},
+           "train": {**DOC["train"], "epochs": 1}, "finetune": {**DOC["finetune"], "epochs": 1},
+           "compress": {**DOC["compress"], "fold_bn": fold, "reestimate_bn": 2}, "export": {"path": "m.slim"}}
+    m = pipeline.run_recipe(parse_recipe(doc), tmp_path, progress=False)
+    if fold:      # every BN reads a conv output directly: all folded, none left to re-estimate
+        assert len(m["fold_bn"]["folded"]) == 2 and not m["fold_bn"]["skipped"]
+        assert "reestimate_bn" not in m or not m["reestimate_bn"]["layers"]
+    else:
+        assert "fold_bn" not in m and m["reestimate_bn"]["layers"] == ["1", "4"]
+        assert m["reestimate_bn"]["batches"] == 2
+    assert (tmp_path / "m.slim").stat().st_size > 0
+
+
+def test_reestimate_bn_must_be_positive():
+    doc = {**DOC, "compress": {**DOC["compress"], "reestimate_bn": 0}}
+    with pytest.raises(Exception, match="reestimate_bn"):
+        parse_recipe(doc)
+    doc = {**DOC, "compress": {**DOC["compress"], "fold_bn": "yes"}}
+    with pytest.raises(Exception, match="fold_bn"):
+        parse_recipe(doc)

@@ -1,7 +1,8 @@
 """``run_recipe``: the CLI's main job, built only from public library verbs.
 
-data -> model -> float training (or float checkpoint) -> evaluate -> quantize_ + calibrate ->
-fine-tune (QAT) -> evaluate -> report -> packed export -> metrics.json + report.md.
+data -> model -> float training (or float checkpoint) -> evaluate -> [fold_batchnorm_] -> quantize_ +
+calibrate -> fine-tune (QAT) -> [reestimate_bn_] -> evaluate -> report -> packed export -> metrics.json +
+report.md.
 Each training stage checkpoints atomically in the output folder; ``resume=True`` continues there.
 Every generator is seeded from the recipe before anything is built, so two runs of a recipe give the
 same bytes; model-dependent checks (preflight.py) run before training; stale temporary files of a
@@ -22,7 +23,7 @@ from .errors import CheckpointError, ConfigError
 from .export import export_onnx, save_packed
 from .models import build_model
 from .preflight import preflight
-from .quant import calibrate, quantize_
+from .quant import calibrate, fold_batchnorm_, quantize_, reestimate_bn_
 from .recipe import Recipe
 from .report import report
 from .search.bit_freeze import freeze_state, load_freeze_state
@@ -110,6 +111,10 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
     if recipe.compress is not None:
         sel = recipe.select
         plan = sel.get("plan")
+        if sel.get("fold_bn"):      # before the search and quantize_: the folded weights are deployed
+            x = next(iter(loaders(recipe.finetune)[1].batches(0)))[0]
+            folded = fold_batchnorm_(model, x, warn=False)
+            metrics["fold_bn"] = {"folded": [list(p) for p in folded.folded], "skipped": folded.skipped}
         if recipe.search is not None:
             plan = _search(model, recipe, loaders(recipe.finetune)[1], out, metrics, progress)
         quantize_(model, recipe.compress, include=sel.get("include"), exclude=sel.get("exclude"),
@@ -122,6 +127,9 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
             train(model, tr.batches, cfg, checkpoint_path=out / "finetune.ckpt", resume=resume,
                   extra_loss=penalty, on_step=lambda m, _s: step(m), param_groups=_groups(model, cfg),
                   extra_state=(freeze_state, load_freeze_state))
+        if sel.get("reestimate_bn"):   # BN statistics of the quantized model (cumulative average)
+            seen = reestimate_bn_(model, tr.batches(0), num_batches=sel["reestimate_bn"])
+            metrics["reestimate_bn"] = {"layers": sorted(seen), "batches": max(seen.values(), default=0)}
         metrics["plan"] = read_plan(model)
     rep = report(model)
     metrics["accuracy"] = evaluate(model, test.batches(0))["accuracy"]

@@ -65,6 +65,9 @@ def check_compression(model: torch.nn.Module, recipe, train_batches) -> None:
         except ConfigError as e:
             raise ConfigError(f"search: {e}") from None
     try:
+        if sel.get("fold_bn"):
+            from .quant import fold_batchnorm_
+            fold_batchnorm_(trial, x, warn=False)
         quantize_(trial, recipe.compress, include=sel.get("include"), exclude=sel.get("exclude"),
                   plan=sel.get("plan"))
         calibrate(trial, [x], num_batches=1)

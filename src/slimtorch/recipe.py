@@ -10,7 +10,8 @@ signature. What depends on the model is checked by ``pipeline.preflight`` right 
     train:    {epochs: 10, lr: 0.002, ...}                       # float training (skipped with checkpoint)
     search:   {method: hawq, bits: [2, 4, 8], budget: avg_bits, target: 3}   # optional: a bit plan
     compress: {method: lsq+, w_bits: 4, a_bits: 4, include: null, exclude: null,
-               plan: null, calibrate_batches: 8}     # method uhlich: learned bits + budget penalty
+               plan: null, calibrate_batches: 8,     # method uhlich: learned bits + budget penalty
+               fold_bn: false, reestimate_bn: null}  # BN folded before quantize_; BN stats re-estimated after
     finetune: {epochs: 3, lr: 0.0005, ...}                       # QAT after compress
     export:   {path: model.slim, onnx: null, onnx_kernels: qdq,   # packed file (+ ONNX) in --out
                onnx_fuse_skip_layernorm: false}
@@ -65,12 +66,16 @@ class SelectSection:
     exclude: Globs = None
     plan: Optional[dict[str, PlanEntry]] = None
     calibrate_batches: int = 8
+    fold_bn: bool = False                 # fold BatchNorm into its conv/linear before quantize_
+    reestimate_bn: Optional[int] = None   # batches to re-estimate BN statistics after fine-tuning
 
     def __post_init__(self):
         from .quant.quantizer import check_bits
 
         _need(self.calibrate_batches >= 1,
               f"calibrate_batches={self.calibrate_batches}: expected an integer >= 1")
+        _need(self.reestimate_bn is None or self.reestimate_bn >= 1,
+              f"reestimate_bn={self.reestimate_bn}: expected an integer >= 1 or null")
         for name, entry in (self.plan or {}).items():
             bits = {"w_bits": entry} if isinstance(entry, int) else entry
             bad = sorted(set(bits) - {"w_bits", "a_bits"})
@@ -102,7 +107,7 @@ class Recipe:
     model: dict
     train: dict | None
     compress: object | None          # a method config (LSQ, LSQPlus, Uhlich, ...)
-    select: dict = field(default_factory=dict)   # include / exclude / plan / calibrate_batches
+    select: dict = field(default_factory=dict)   # include / exclude / plan / calibrate_batches / fold_bn / ...
     finetune: dict | None = None
     export: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)   # the document as read

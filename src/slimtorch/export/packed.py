@@ -26,6 +26,8 @@ base64-encoded by container.py):
                 a layer in ``layers`` (kind, params and w_bits follow from its entry), [name, bytes,
                 kind, params] for a float layer (in the state)
     theory      {bytes, fp32_bytes, params}: theoretical totals of ``model_costs``
+    folded_bn   (optional) [layer, bn] pairs whose BatchNorm is folded into the layer's stored weight
+                and bias (quant/bn_fold.py); ``load_packed`` makes each bn an identity, each layer biased
     split_mha   (optional) names of the nn.MultiheadAttention modules whose projections were split
                 into q/k/v_proj Linears (quant/mha.py); ``load_packed`` splits them in the fresh model
     crc32       per-tensor CRC32s (container.py; the SHA-256 digests sit next to this text)
@@ -43,6 +45,8 @@ from ..attach import add_weight_transform, bias_transforms, set_input_quantizer,
 from ..errors import CheckpointError, ConfigError
 from ..quant.api import quantized_layers
 from ..quant.bias import Int32Bias, attach_int32_bias
+from ..quant.bn_fold import folded_pairs
+from ..quant.bn_qat import BatchNormFold, FoldedWeight
 from ..quant.quantizer import Quantizer, build_quantizer
 from ..search.budget import layer_kind, model_costs
 from .bitpack import pack_tensor, unpack_tensor
@@ -118,13 +122,22 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
             table.append(entry)
         return table.index(entry)
 
+    folds = folded_pairs(model)        # BatchNorm folded into layers: stored folded, BN left out
+    qat_folds = {n for n, m in model.named_modules() if isinstance(m, BatchNormFold)}
+    quantized = {n for n, *_ in quantized_layers(model)}
+    for layer_name, bn_name in folds:
+        if bn_name in qat_folds and layer_name not in quantized:
+            raise ConfigError(f"layer {layer_name!r} has a train-time BatchNorm fold but no quantizer: "
+                              "fold it with fold_batchnorm_(train=False) to save it")
+    taken |= {k for k in sd if any(k.startswith(b + ".") for b in qat_folds)}
     first_user: dict[int, str] = {}     # input quantizer object -> first layer using it
     for name, m, wq, aq in quantized_layers(model):
         w, bias = m.weight, getattr(m, "bias", None)
         entry = {"name": name, "module": layer_kind(m), "shape": list(w.shape)}
         params = [] if bias is None else [_f32(bias, f"{name}.bias")]
         if wq is not None:
-            others = [type(t).__name__ for t in weight_transforms(m) if t is not wq]
+            others = [type(t).__name__ for t in weight_transforms(m) if t is not wq
+                      and not isinstance(t, FoldedWeight)]      # a BN fold: the codes are of W_fold
             if others:
                 raise ConfigError(f"layer {name!r}: weight transforms {others} are not supported by "
                                   f"packed format version {VERSION}")
@@ -173,6 +186,7 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
     split = [n for n, m in model.named_modules() if is_split(m)]
     meta = {"format": FORMAT, "version": VERSION, "model": type(model).__name__,
             **({"build": build} if build else {}), **({"split_mha": split} if split else {}),
+            **({"folded_bn": [list(p) for p in folds]} if folds else {}),
             "quantizers": table, "layers": layers, "state": state,
             "costs": [[r.name, r.bytes, r.a_bits] if r.name in names else [r.name, r.bytes, r.kind, r.params]
                       for r in costs["layers"]],
@@ -286,6 +300,12 @@ def load_packed(path, model_or_factory=None, runtime: str = "float") -> nn.Modul
         if sorted(found) != sorted(meta["split_mha"]):
             raise CheckpointError(f"{path}: the file has MultiheadAttention modules "
                                   f"{sorted(set(meta['split_mha']) - set(found))} the model lacks")
+    if meta.get("folded_bn"):       # BatchNorm folded into layers: identities, layers with a bias
+        from ..quant.bn_fold import apply_fold_structure_
+        try:
+            apply_fold_structure_(model, meta["folded_bn"])
+        except (AttributeError, ConfigError) as e:
+            raise CheckpointError(f"{path}: folded_bn: {e}") from None
     sd, plan = model.state_dict(), []
     int32_bias = {e["name"]: bool(e.get("int32_bias")) for e in meta["layers"]}
     shared_aq = {e["name"]: e["aq_shared"] for e in meta["layers"] if e.get("aq_shared")}

@@ -121,6 +121,7 @@ class Meta(_Strict):
     theory: Theory
     crc32: Annotated[str, Field(pattern="^[0-9a-f]*$")]
     split_mha: Optional[Annotated[list[Text], Field(max_length=100_000)]] = None   # MHA split into Linears
+    folded_bn: Optional[Annotated[list[tuple[Text, Text]], Field(max_length=100_000)]] = None   # BN folds
 
 
 _NOISE = {"int", "float", "str", "bool", "none", *SPEC_TYPES, "zoo", "hf"}

@@ -5,7 +5,7 @@ bias and every quantizer parameter (steps, offsets) as float32 (``layer_cost``).
 (``model_costs``) adds everything else the packed file must carry: parameters outside quantized
 layers (norms, float layers) and every persistent buffer that does not belong to a quantizer
 (BatchNorm running_mean / running_var / num_batches_tracked, or any registered buffer), each at its
-stored width (element_size: 4 B for float32, 8 B for int64). Quantizer buffers (bits, signedness)
+stored width (a BatchNorm folded into its layer, quant/bn_fold.py / bn_qat.py, is not stored) (element_size: 4 B for float32, 8 B for int64). Quantizer buffers (bits, signedness)
 are configuration the file keeps in its header, not tensors, and are not counted; neither are
 non-persistent buffers. Shared tensors count once. FP32 size = 4 bytes x every float parameter
 (quantizer parameters excluded) + the same buffers (a float checkpoint stores them too). The report,
@@ -73,10 +73,16 @@ def layer_costs(model: nn.Module) -> list[LayerCost]:
     return [layer_cost(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
 
 
+def _qat_folds(model: nn.Module) -> list:
+    """Names of train-time BatchNorm folds (quant/bn_qat.py): their BN is stored inside the layer."""
+    from ..quant.bn_qat import BatchNormFold
+    return [n for n, m in model.named_modules() if isinstance(m, BatchNormFold)]
+
+
 def state_buffers(model: nn.Module) -> list:
     """[(name, tensor)] of the persistent buffers outside quantizers, each tensor once: what the
     packed file stores besides the layers and parameters (BatchNorm statistics and the like)."""
-    quant = [n for n, m in model.named_modules() if isinstance(m, Quantizer)]
+    quant = [n for n, m in model.named_modules() if isinstance(m, Quantizer)] + _qat_folds(model)
     out, seen = [], set()
     for mod_name, m in model.named_modules():
         if any(mod_name == q or mod_name.startswith(q + ".") for q in quant):
@@ -103,8 +109,9 @@ def model_costs(model: nn.Module) -> dict:
                 counted.add(id(raw_param(m, "bias")))
     float_params, other, other_bytes = 0, 0, 0
     seen = set()
+    folds = tuple(f + "." for f in _qat_folds(model))
     for name, p in model.named_parameters():
-        if id(p) in seen or _is_quantizer_param(name, model):
+        if id(p) in seen or _is_quantizer_param(name, model) or (folds and name.startswith(folds)):
             continue
         seen.add(id(p))
         float_params += p.numel()
