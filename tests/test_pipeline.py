@@ -30,21 +30,32 @@ def test_run_recipe_writes_everything(tmp_path):
     assert (tmp_path / "model.onnx").stat().st_size > 0
 
 
-def test_resume_after_interrupt_matches_uninterrupted(tmp_path, monkeypatch):
-    ref = pipeline.run_recipe(parse_recipe(DOC), tmp_path / "ref", progress=False)
+def _sigint_in_finetune(monkeypatch, at_step: int):
+    """Make the pipeline's second train() call (fine-tuning) receive SIGINT after step ``at_step``
+    (its own on_step still runs); returns the real train to put back."""
     real_train = pipeline.train
     calls = {"n": 0}
 
     def interrupting_train(model, batches, cfg, **kw):
         calls["n"] += 1
-        if calls["n"] == 2:  # the fine-tuning stage: SIGINT in the middle of epoch 1
+        if calls["n"] == 2:
+            inner = kw.get("on_step")
+
             def on_step(m, step):
-                if step == 17:
+                if inner is not None:
+                    inner(m, step)
+                if step == at_step:
                     os.kill(os.getpid(), signal.SIGINT)
             kw["on_step"] = on_step
         return real_train(model, batches, cfg, **kw)
 
     monkeypatch.setattr(pipeline, "train", interrupting_train)
+    return real_train
+
+
+def test_resume_after_interrupt_matches_uninterrupted(tmp_path, monkeypatch):
+    ref = pipeline.run_recipe(parse_recipe(DOC), tmp_path / "ref", progress=False)
+    real_train = _sigint_in_finetune(monkeypatch, 17)   # the middle of epoch 1 of fine-tuning
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_recipe(parse_recipe(DOC), tmp_path / "cut", progress=False)
     assert (tmp_path / "cut" / "finetune.ckpt").exists()
@@ -117,22 +128,7 @@ def test_uhlich_resume_after_bits_froze_is_bit_identical(tmp_path, monkeypatch):
                                "target_weight": 12.0, "target_unit": "kB", "freeze_after": 3},
            "export": {"path": "model.slim"}}
     pipeline.run_recipe(parse_recipe(doc), tmp_path / "ref", progress=False)
-    real_train = pipeline.train
-    calls = {"n": 0}
-
-    def interrupting_train(model, batches, cfg, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            inner = kw["on_step"]
-
-            def on_step(m, step):
-                inner(m, step)
-                if step == 20:
-                    os.kill(os.getpid(), signal.SIGINT)
-            kw["on_step"] = on_step
-        return real_train(model, batches, cfg, **kw)
-
-    monkeypatch.setattr(pipeline, "train", interrupting_train)
+    real_train = _sigint_in_finetune(monkeypatch, 20)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_recipe(parse_recipe(doc), tmp_path / "cut", progress=False)
     from slimtorch.checkpoint import read_checkpoint
