@@ -90,7 +90,8 @@ def _apply_lsq(model, cfg: LSQ, layers, bits):
             aq = LSQQuantizer(a_bits, "activation", signed=signed,
                               learn_offset=cfg.activations == "offset", init=cfg.a_init,
                               use_grad_scale=cfg.grad_scale,
-                              integer_offset=cfg.integer_offset).to(m.weight.device)
+                              integer_offset=cfg.integer_offset,
+                              percentile=cfg.percentile).to(m.weight.device)
             set_input_quantizer(m, aq)
 
 
@@ -126,7 +127,7 @@ def calibrate(model: nn.Module, forward_loop: Callable | Iterable, num_batches: 
     try:
         _iterate(forward_loop, model, num_batches)
     finally:
-        seen = [bool(getattr(q, "_obs", [])) for q in acts]
+        seen = [q.has_observed() for q in acts]
         for q in acts:
             q.finish_observing()
         model.train(was_training)

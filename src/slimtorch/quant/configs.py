@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 from ..config import register_config
 from ..errors import ConfigError
-from .quantizer import INITS, check_bits
+from .observers import check_percentile
+from .quantizer import A_INITS, INITS, check_bits
 
 GRANULARITIES = ("per_tensor", "per_channel")
 ACT_MODES = ("auto", "signed", "unsigned", "offset")
@@ -48,6 +49,7 @@ class LSQ(QuantConfig):
     a_init: str = "lsq"
     grad_scale: bool = True
     integer_offset: bool = False
+    percentile: float = 99.99
 
     def __post_init__(self):
         super().__post_init__()
@@ -56,9 +58,10 @@ class LSQ(QuantConfig):
         if self.integer_offset and self.activations != "offset":
             raise ConfigError(f"integer_offset=True needs activations='offset' (LSQ+), got "
                               f"activations={self.activations!r}")
-        for name in ("w_init", "a_init"):
-            if getattr(self, name) not in INITS:
-                raise ConfigError(f"{name}={getattr(self, name)!r}; expected one of {INITS}")
+        for name, ok in (("w_init", INITS), ("a_init", A_INITS)):
+            if getattr(self, name) not in ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r}; expected one of {ok}")
+        check_percentile(self.percentile)
 
 
 @register_config("lsq+")
