@@ -110,14 +110,17 @@ def _iterate(forward_loop, model, num_batches):
 @torch.no_grad()
 def calibrate(model: nn.Module, forward_loop: Callable | Iterable, num_batches: int | None = None,
               reinit_weights: bool = False) -> int:
-    """Run ``forward_loop(model)`` (or iterate a loader of batches, first ``num_batches``) with every
-    activation quantizer observing (float pass-through), then initialise each from what it saw.
-    Returns the number of quantizers initialised. The model's train/eval mode is restored."""
+    """Post-training range setting in one pass. Weight quantizers not yet initialised (all of them
+    with ``reinit_weights``) are fitted to their weights first (``w_init``: e.g. MSE per output
+    channel). Then ``forward_loop(model)`` runs (or the first ``num_batches`` of a loader) with every
+    activation quantizer observing (float pass-through): observer inits (``a_init`` minmax /
+    percentile / mse_hist / entropy, quant/observers.py) accumulate over ALL batches, sample inits
+    (lsq / 3sigma / mse) keep a subsample of every batch; each quantizer's s (and beta) is set once at
+    the end. Returns the number of activation quantizers initialised; train/eval mode is restored."""
+    for _, m, wq, _ in quantized_layers(model):
+        if wq is not None and (reinit_weights or not wq.initialized):
+            wq.initialize(raw_weight(m))
     acts = list({id(aq): aq for *_, aq in quantized_layers(model) if aq is not None}.values())
-    if reinit_weights:
-        for _, m, wq, _ in quantized_layers(model):
-            if wq is not None:
-                wq.initialize(raw_weight(m))
     if not acts:
         return 0
     was_training = model.training
