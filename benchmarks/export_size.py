@@ -65,10 +65,12 @@ def main():
     x = bundle.test.tensors[0][:64]
     rows = []
     net = build_model("mnist_cnn")
-    plans = {"W4A4": (st.LSQ(w_bits=4, a_bits=4), None), "W2A2": (st.LSQ(w_bits=2, a_bits=2), None),
-             "mixed W8/4/2/8 A8/4/2/8": (st.LSQ(w_bits=4, a_bits=4),
+    plans = {"W4A4": (st.LSQ(w_bits=4, a_bits=4, weights="per_tensor", w_init="lsq", a_init="lsq"), None),
+             "W2A2": (st.LSQ(w_bits=2, a_bits=2, weights="per_tensor", w_init="lsq", a_init="lsq"), None),
+             "mixed W8/4/2/8 A8/4/2/8": (st.LSQ(w_bits=4, a_bits=4, weights="per_tensor", w_init="lsq", a_init="lsq"),
                                          {"conv1": 8, "conv2": 4, "fc1": 2, "fc2": 8}),
-             "W4A4 per-channel, LSQ+": (st.LSQPlus(w_bits=4, a_bits=4, weights="per_channel"), None)}
+             "W4A4 per-channel, LSQ+": (st.LSQPlus(w_bits=4, a_bits=4, weights="per_channel", w_init="3sigma",
+                                                                a_init="mse"), None)}
     for name, (cfg, plan) in plans.items():
         m = copy.deepcopy(net)
         st.quantize_(m, cfg, plan=plan)
@@ -77,11 +79,11 @@ def main():
         rows.append(row("MNIST CNN", name, m, x, lambda: build_model("mnist_cnn"), OUT / f"size-mnist-{len(rows)}.slim"))
 
     r20 = lambda: build_model("resnet20")  # noqa: E731
-    others = [("ResNet-20", "W4A4 LSQ", "resnet20", r20, st.LSQ(w_bits=4, a_bits=4), torch.randn(64, 3, 32, 32)),
-              ("ResNet-20", "W2A2 LSQ", "resnet20", r20, st.LSQ(w_bits=2, a_bits=2), torch.randn(64, 3, 32, 32)),
-              ("LeNet-5", "W2A2 LSQ", "lenet5", lambda: build_model("lenet5"), st.LSQ(w_bits=2, a_bits=2), x),
+    others = [("ResNet-20", "W4A4 LSQ", "resnet20", r20, st.LSQ(w_bits=4, a_bits=4, weights="per_tensor", w_init="lsq", a_init="lsq"), torch.randn(64, 3, 32, 32)),
+              ("ResNet-20", "W2A2 LSQ", "resnet20", r20, st.LSQ(w_bits=2, a_bits=2, weights="per_tensor", w_init="lsq", a_init="lsq"), torch.randn(64, 3, 32, 32)),
+              ("LeNet-5", "W2A2 LSQ", "lenet5", lambda: build_model("lenet5"), st.LSQ(w_bits=2, a_bits=2, weights="per_tensor", w_init="lsq", a_init="lsq"), x),
               ("text CNN (Embedding, Conv1d, BatchNorm1d)", "W4A4 LSQ", None, TextCNN,
-               st.LSQ(w_bits=4, a_bits=4), torch.randint(0, 1000, (64, 24)))]
+               st.LSQ(w_bits=4, a_bits=4, weights="per_tensor", w_init="lsq", a_init="lsq"), torch.randint(0, 1000, (64, 24)))]
     for model_name, label, zoo, factory, cfg, data in others:
         torch.manual_seed(0)
         m = factory()
@@ -104,7 +106,7 @@ def main():
     for wb in (8, 4):
         for with_emb in (False, True):
             m = copy.deepcopy(base)
-            cfg = st.LSQ(w_bits=wb, a_bits=8, weights="per_channel")
+            cfg = st.LSQ(w_bits=wb, a_bits=8, weights="per_channel", w_init="lsq", a_init="lsq")
             if with_emb:
                 st.quantize_(m, cfg, plan=emb8)
             else:

@@ -313,8 +313,8 @@ def run_mnist(args) -> str:
     net.eval()
     x_test, y_test = bundle.test.tensors
     models = {}
-    for name, cfg, epochs in (("W8A8", st.LSQ(w_bits=8, a_bits=8, bias="int32"), 0),
-                              ("W4A4", st.LSQ(w_bits=4, a_bits=4, bias="int32"), 1)):
+    for name, cfg, epochs in (("W8A8", st.LSQ(w_bits=8, a_bits=8, bias="int32", weights="per_tensor", w_init="lsq", a_init="lsq"), 0),
+                              ("W4A4", st.LSQ(w_bits=4, a_bits=4, bias="int32", weights="per_tensor", w_init="lsq", a_init="lsq"), 1)):
         p = CACHE / f"mnist-{name}-int32bias.slim"
         if not p.exists():
             m = copy.deepcopy(net)

@@ -42,8 +42,8 @@ SETUPS = {  # float training as in benchmarks/lsq_qat.py (shares its cache); sho
 # PTQ: per-tensor symmetric weights with the MSE-optimal step (min-max leaves 2-bit layers at chance:
 # with levels {-2..1} x max|w| almost every weight rounds to 0); the same quantizer measures Omega.
 W_INIT = "mse"
-PTQ = st.LSQ(w_bits=4, a_bits=8, w_init=W_INIT, a_init="minmax")
-QAT = st.LSQPlus(w_bits=4, a_bits=8)
+PTQ = st.LSQ(w_bits=4, a_bits=8, weights="per_tensor", w_init=W_INIT, a_init="minmax")
+QAT = st.LSQPlus(w_bits=4, a_bits=8, weights="per_tensor", w_init="3sigma", a_init="mse")
 
 
 def plan_bytes(net, plan, quant=None):

@@ -37,10 +37,10 @@ def main():
     if args.timing_only:
         return timing()
     q = args.quick
-    methods = [("LSQ+ W4A4", st.LSQPlus(w_bits=4, a_bits=4)),
-               ("LSQ W4A4", st.LSQ(w_bits=4, a_bits=4)),
-               ("LSQ+ W2A2", st.LSQPlus(w_bits=2, a_bits=2)),
-               ("LSQ W2A2", st.LSQ(w_bits=2, a_bits=2))]
+    methods = [("LSQ+ W4A4", st.LSQPlus(w_bits=4, a_bits=4, weights="per_tensor", w_init="3sigma", a_init="mse")),
+               ("LSQ W4A4", st.LSQ(w_bits=4, a_bits=4, weights="per_tensor", w_init="lsq", a_init="lsq")),
+               ("LSQ+ W2A2", st.LSQPlus(w_bits=2, a_bits=2, weights="per_tensor", w_init="3sigma", a_init="mse")),
+               ("LSQ W2A2", st.LSQ(w_bits=2, a_bits=2, weights="per_tensor", w_init="lsq", a_init="lsq"))]
     opts = {"limit_train": 6000, "limit_test": 2000} if q else {}
     fcfg = TrainConfig(epochs=2, lr=1e-3, batch_size=64, progress=False)
     ft = TrainConfig(epochs=1, lr=5e-4, batch_size=64, progress=False)
@@ -75,7 +75,7 @@ def timing(batch=64):
     torch.manual_seed(0)
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     nets = {"fp32": build_model("mnist_cnn")}
-    for name, cfg in (("LSQ+ W4A4", st.LSQPlus(w_bits=4, a_bits=4)), ("LSQ W4A4", st.LSQ(w_bits=4, a_bits=4))):
+    for name, cfg in (("LSQ+ W4A4", st.LSQPlus(w_bits=4, a_bits=4, weights="per_tensor", w_init="3sigma", a_init="mse")), ("LSQ W4A4", st.LSQ(w_bits=4, a_bits=4, weights="per_tensor", w_init="lsq", a_init="lsq"))):
         nets[name] = st.quantize_(build_model("mnist_cnn"), cfg)
         st.calibrate(nets[name], [(x,)])
     la0 = os.getloadavg()[0]

@@ -151,7 +151,7 @@ def table3(run, base, data, shapes, t0):
               lambdas=(0.1, 0.1, 0.1), bias_bits=True, a_init="float")
     settings = [
         ("fixed 2/4 (pow2 grid from max, d/qmax frozen)", Uhlich(w_bits=2, a_bits=4, a_init="float"), "fixed", None),
-        ("LSQ 2/4 (learned step)", st.LSQ(w_bits=2, a_bits=4), None, None),
+        ("LSQ 2/4 (learned step)", st.LSQ(w_bits=2, a_bits=4, weights="per_tensor", w_init="lsq", a_init="lsq"), None, None),
         ("learned U3 (8a)+(8c), penalty throughout", Uhlich(**kw), "budget", None),
         ("learned U3 (8a)+(8c), freeze", Uhlich(**kw), "budget", 0.4),
         ("learned U3, bits in {2,4,8}, freeze", Uhlich(bit_set=(2, 4, 8), **kw), "budget", 0.4),

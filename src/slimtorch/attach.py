@@ -64,6 +64,17 @@ def raw_weight(module: nn.Module) -> torch.Tensor:
     return raw_param(module, "weight")
 
 
+def transform_input(module: nn.Module, transform: nn.Module) -> torch.Tensor:
+    """The tensor ``transform`` receives: the stored weight through the transforms stacked before it
+    (e.g. a BatchNorm fold before the quantizer), so range fitting and export see what it sees."""
+    x = raw_weight(module)
+    for t in weight_transforms(module):
+        if t is transform:
+            return x
+        x = t(x)
+    raise ValueError(f"{type(transform).__name__} is not a weight transform of this module")
+
+
 def add_weight_transform(module: nn.Module, transform: nn.Module) -> None:
     parametrize.register_parametrization(module, "weight", transform)
 

@@ -30,7 +30,8 @@ def run(path, x, opt):
     return ort_session(path, optimization=opt).run(None, {"x": x.numpy()})[0]
 
 
-@pytest.mark.parametrize("cfg", [st.LSQ(w_bits=8, a_bits=8), st.LSQ(w_bits=4, a_bits=4, weights="per_channel"),
+@pytest.mark.parametrize("cfg", [st.LSQ(w_bits=8, a_bits=8, weights="per_tensor", w_init="lsq", a_init="lsq"),
+                                 st.LSQ(w_bits=4, a_bits=4, weights="per_channel"),
                                  st.LSQPlus(w_bits=3, a_bits=5, a_init="minmax")], ids=["w8a8", "w4a4-pc", "lsq+w3a5"])
 def test_cnn_parity(cfg, tmp_path):
     torch.manual_seed(0)

@@ -88,7 +88,7 @@ def test_onnxruntime_integer_kernels_agree(bits, tmp_path):
     from slimtorch.export.onnx_export import export_onnx, ort_session
     torch.manual_seed(1)
     x = torch.randn(512, 1, 8, 8)
-    m = _quantized(st.LSQ(w_bits=bits, a_bits=bits, bias="int32"), x[:64])
+    m = _quantized(st.LSQ(w_bits=bits, a_bits=bits, bias="int32", weights="per_tensor", w_init="lsq", a_init="lsq"), x[:64])
     path = export_onnx(m, tmp_path / "m.onnx", (x[:2],), input_names=["x"])
     got = ort_session(path).run(None, {"x": x.numpy()})[0]     # fused QLinearConv / QGemm
     with torch.no_grad():

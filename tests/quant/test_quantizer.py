@@ -104,7 +104,7 @@ def _net():
 
 def test_quantize_all_layers_and_report():
     m = _net()
-    st.quantize_(m, st.LSQPlus(w_bits=3, a_bits=4))
+    st.quantize_(m, st.LSQPlus(w_bits=3, a_bits=4, weights="per_tensor"))   # one weight scale a layer
     rows = st.report(m).rows
     assert [(r["name"], r["w_bits"], r["a_bits"]) for r in rows] == [("0", 3, 4), ("3", 3, 4)]
     assert rows[0]["kind"] == "Conv2d"

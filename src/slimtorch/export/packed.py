@@ -41,7 +41,7 @@ import math
 import torch
 from torch import nn
 
-from ..attach import add_weight_transform, bias_transforms, set_input_quantizer, weight_transforms
+from ..attach import add_weight_transform, bias_transforms, set_input_quantizer, transform_input, weight_transforms
 from ..errors import CheckpointError, ConfigError
 from ..quant.api import quantized_layers
 from ..quant.bias import Int32Bias, attach_int32_bias
@@ -56,15 +56,6 @@ from .packed_schema import check_meta
 FORMAT, VERSION = "slimtorch.packed", 2
 READ_VERSIONS = (1, 2)
 RUNTIMES = ("float", "fakequant", "int8")
-
-
-def _quantizer_input(module: nn.Module, wq: Quantizer) -> torch.Tensor:
-    x = module.parametrizations.weight.original
-    for t in weight_transforms(module):
-        if t is wq:
-            return x
-        x = t(x)
-    raise ConfigError("weight quantizer is not a weight transform")  # pragma: no cover
 
 
 def _rebuild(entry: dict, what: str) -> Quantizer:
@@ -141,7 +132,7 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
             if others:
                 raise ConfigError(f"layer {name!r}: weight transforms {others} are not supported by "
                                   f"packed format version {VERSION}")
-            codes = wq.encode(_quantizer_input(m, wq))
+            codes = wq.encode(transform_input(m, wq))
             entry.update(kind="codes", bits=wq.bits, wq=index_of(wq, name))
             rebuilt = _rebuild(table[entry["wq"]], name).to(w.device)
             rebuilt.load_state_dict(wq.state_dict())

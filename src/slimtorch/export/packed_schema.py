@@ -38,7 +38,8 @@ class LSQSpec(_Strict):
     signed: bool
     learn_offset: bool
     scale_shape: Annotated[list[Count], Field(min_length=1, max_length=16)]
-    init: Literal["lsq", "3sigma", "mse", "minmax"]
+    init: Literal["lsq", "3sigma", "mse", "minmax", "percentile", "mse_hist", "entropy"]
+    percentile: Optional[Annotated[float, Field(gt=0, le=100)]] = None
     narrow: bool
     use_grad_scale: bool
     integer_offset: bool = False

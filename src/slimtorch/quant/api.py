@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..attach import (add_weight_transform, find_layers, find_transform, input_quantizer, raw_weight,
+from ..attach import (add_weight_transform, transform_input, find_layers, find_transform, input_quantizer, raw_weight,
                       set_input_quantizer)
 from ..config import handler_for, register_handler
 from ..errors import ConfigError, PatternError
@@ -99,7 +99,8 @@ def _apply_lsq(model, cfg: LSQ, layers, bits):
             aq = LSQQuantizer(a_bits, "activation", signed=signed,
                               learn_offset=cfg.activations == "offset", init=cfg.a_init,
                               use_grad_scale=cfg.grad_scale,
-                              integer_offset=cfg.integer_offset).to(m.weight.device)
+                              integer_offset=cfg.integer_offset,
+                              percentile=cfg.percentile).to(m.weight.device)
             set_input_quantizer(m, aq)
 
 
@@ -118,18 +119,21 @@ def _iterate(forward_loop, model, num_batches):
 @torch.no_grad()
 def calibrate(model: nn.Module, forward_loop: Callable | Iterable, num_batches: int | None = None,
               reinit_weights: bool = False) -> int:
-    """Run ``forward_loop(model)`` (or iterate a loader of batches, first ``num_batches``) with every
-    activation quantizer observing (float pass-through), then initialise each from what it saw.
-    Returns the number of quantizers initialised. The model's train/eval mode is restored."""
+    """Post-training range setting in one pass. Weight quantizers not yet initialised (all of them
+    with ``reinit_weights``) are fitted to their weights first (``w_init``: e.g. MSE per output
+    channel). Then ``forward_loop(model)`` runs (or the first ``num_batches`` of a loader) with every
+    activation quantizer observing (float pass-through): observer inits (``a_init`` minmax /
+    percentile / mse_hist / entropy, quant/observers.py) accumulate over ALL batches, sample inits
+    (lsq / 3sigma / mse) keep a subsample of every batch; each quantizer's s (and beta) is set once at
+    the end. Returns the number of activation quantizers initialised; train/eval mode is restored."""
+    for _, m, wq, _ in quantized_layers(model):
+        if wq is not None and (reinit_weights or not wq.initialized):
+            wq.initialize(transform_input(m, wq).detach())
     acts = list({id(aq): aq for *_, aq in quantized_layers(model) if aq is not None}.values())
     owners: dict[int, list[str]] = {}
     for name, _, _, aq in quantized_layers(model):
         if aq is not None:
             owners.setdefault(id(aq), []).append(name)
-    if reinit_weights:
-        for _, m, wq, _ in quantized_layers(model):
-            if wq is not None:
-                wq.initialize(raw_weight(m))
     if not acts:
         return 0
     was_training = model.training
@@ -141,7 +145,7 @@ def calibrate(model: nn.Module, forward_loop: Callable | Iterable, num_batches: 
         with record_calls() as ran:
             _iterate(forward_loop, model, num_batches)
     finally:
-        seen = [bool(getattr(q, "_obs", [])) for q in acts]
+        seen = [q.has_observed() for q in acts]
         for q in acts:
             q.finish_observing()
         model.train(was_training)

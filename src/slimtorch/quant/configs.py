@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 from ..config import register_config
 from ..errors import ConfigError
-from .quantizer import INITS, check_bits
+from .observers import check_percentile
+from .quantizer import A_INITS, INITS, check_bits
 
 GRANULARITIES = ("per_tensor", "per_channel")
 ACT_MODES = ("auto", "signed", "unsigned", "offset")
@@ -22,7 +23,7 @@ class QuantConfig:
     """
     w_bits: int = 4
     a_bits: int | None = 4
-    weights: str = "per_tensor"
+    weights: str = "per_tensor"      # LSQ / LSQ+ override: per_channel
     tie_bits: bool = False
     bias: str = "float"
 
@@ -40,14 +41,23 @@ class QuantConfig:
 @dataclass(frozen=True)
 class LSQ(QuantConfig):
     """LSQ: learned step sizes; signed symmetric weights; activations signed or unsigned
-    ("auto" decides from calibration data). Init s = 2<|v|>/sqrt(Q_P) unless overridden.
+    ("auto" decides from calibration data).
+
+    Defaults are the best measured post-training ranges (issue 11, benchmarks/pretrained_ptq.py):
+    weights per output channel with the MSE-optimal step (w_init="mse"), activations from the
+    MSE-optimal clipping of a histogram accumulated over every calibration batch (a_init="mse_hist").
+    The paper's inits stay available: LSQ w_init="lsq" / a_init="lsq" (s = 2<|v|>/sqrt(Q_P)),
+    LSQ+ w_init="3sigma" / a_init="mse" (on samples), each with weights="per_tensor".
+    a_init also takes the observers "minmax", "percentile" (at ``percentile``), "entropy".
     integer_offset (with activations="offset"): round the learned offset to a whole number of
     steps (an integer zero point), the grid integer kernels run without a float subtraction."""
     activations: str = "auto"
-    w_init: str = "lsq"
-    a_init: str = "lsq"
+    w_init: str = "mse"
+    a_init: str = "mse_hist"
     grad_scale: bool = True
     integer_offset: bool = False
+    percentile: float = 99.99
+    weights: str = "per_channel"
 
     def __post_init__(self):
         super().__post_init__()
@@ -56,16 +66,15 @@ class LSQ(QuantConfig):
         if self.integer_offset and self.activations != "offset":
             raise ConfigError(f"integer_offset=True needs activations='offset' (LSQ+), got "
                               f"activations={self.activations!r}")
-        for name in ("w_init", "a_init"):
-            if getattr(self, name) not in INITS:
-                raise ConfigError(f"{name}={getattr(self, name)!r}; expected one of {INITS}")
+        for name, ok in (("w_init", INITS), ("a_init", A_INITS)):
+            if getattr(self, name) not in ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r}; expected one of {ok}")
+        check_percentile(self.percentile)
 
 
 @register_config("lsq+")
 @dataclass(frozen=True)
 class LSQPlus(LSQ):
-    """LSQ+: learned offset beta for activations (unsigned levels + beta), 3-sigma weight init,
-    MSE (s, beta) activation init."""
+    """LSQ+: learned offset beta for activations (unsigned levels + beta). Same default inits as
+    ``LSQ`` (the paper's: w_init="3sigma", a_init="mse", weights="per_tensor")."""
     activations: str = "offset"
-    w_init: str = "3sigma"
-    a_init: str = "mse"

@@ -12,8 +12,12 @@ from torch import nn
 from ..errors import ConfigError
 from .fake_quant import dequantize, fake_quant, grad_scale, qrange, quantize_int
 from .init import EPS, lsq_init, minmax_init, mse_init, three_sigma_init
+from .observers import check_percentile, make_observer
 
-INITS = ("lsq", "3sigma", "mse", "minmax")
+INITS = ("lsq", "3sigma", "mse", "minmax")            # the paper inits, from samples of the data
+# activation inits backed by an accumulating observer (quant/observers.py): a_init -> observer name
+OBSERVER_INITS = {"minmax": "minmax", "percentile": "percentile", "mse_hist": "mse", "entropy": "entropy"}
+A_INITS = INITS + tuple(k for k in OBSERVER_INITS if k not in INITS)
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -103,9 +107,20 @@ class Quantizer(nn.Module):
 
     # calibration protocol (see slimtorch.calibrate)
     observing: bool = False
+    _observer = None
+
+    def make_observer(self):
+        """The accumulating observer calibration feeds (None: keep samples in ``_obs``)."""
+        return None
 
     def start_observing(self):
-        self.observing, self._obs = True, []
+        self.observing, self._obs, self._observer = True, [], self.make_observer()
+
+    def has_observed(self) -> bool:
+        return bool(getattr(self, "_obs", [])) or (self._observer is not None and not self._observer.empty)
+
+    def discard_observations(self):
+        self.observing, self._obs, self._observer = False, [], None
 
     def finish_observing(self):
         self.observing = False
@@ -140,13 +155,16 @@ class LSQQuantizer(Quantizer):
 
     def __init__(self, bits: int, role: str = "weight", *, signed: bool | None = True,
                  learn_offset: bool = False, scale_shape=(1,), init: str = "lsq",
-                 narrow: bool = False, use_grad_scale: bool = True, integer_offset: bool = False):
+                 narrow: bool = False, use_grad_scale: bool = True, integer_offset: bool = False,
+                 percentile: float = 99.99):
         super().__init__()
         check_bits(bits, f"{role} bits", 1 if role == "weight" else 2)
         if role not in ("weight", "activation"):
             raise ConfigError(f"role must be 'weight' or 'activation', got {role!r}")
-        if init not in INITS:
-            raise ConfigError(f"unknown init {init!r}; expected one of {INITS}")
+        inits = A_INITS if role == "activation" else INITS
+        if init not in inits:
+            raise ConfigError(f"unknown {role} init {init!r}; expected one of {inits}")
+        self.percentile = check_percentile(percentile)
         if integer_offset and not learn_offset:
             raise ConfigError("integer_offset=True needs learn_offset=True (an LSQ+ offset to round)")
         if learn_offset:
@@ -161,6 +179,8 @@ class LSQQuantizer(Quantizer):
                       "narrow": narrow, "use_grad_scale": use_grad_scale}
         if integer_offset:   # only when set, so earlier packed files keep their exact spec
             self._spec["integer_offset"] = True
+        if init == "percentile":
+            self._spec["percentile"] = self.percentile
         self.scale = nn.Parameter(torch.ones(tuple(scale_shape)))
         self.offset = nn.Parameter(torch.zeros(tuple(scale_shape))) if learn_offset else None
         self.register_buffer("_bits", torch.tensor(bits, dtype=torch.int64))
@@ -200,6 +220,10 @@ class LSQQuantizer(Quantizer):
             self._signed.fill_(int(bool(x.min() < 0)))
             self._sync()
         shape = self.scale.shape
+        if self.role == "activation" and self.init in OBSERVER_INITS:
+            obs = self.make_observer()
+            obs.update(x)
+            return self._init_from_observer(obs)
         if self.init == "lsq":
             self.scale.copy_(lsq_init(x, self.q_p, shape))
         elif self.init == "3sigma":
@@ -216,6 +240,26 @@ class LSQQuantizer(Quantizer):
                 self.offset.copy_(b)
         if self.learn_offset and self.init in ("lsq", "3sigma"):
             _, b = minmax_init(x, self.q_n, self.q_p, shape, True)
+            self.offset.copy_(b)
+        self._initialized.fill_(True)
+        self._sync()
+
+    def make_observer(self):
+        if self.role != "activation" or self.init not in OBSERVER_INITS:
+            return None
+        return make_observer(OBSERVER_INITS[self.init], percentile=self.percentile)
+
+    @torch.no_grad()
+    def _init_from_observer(self, obs):
+        """Set s (and beta) from an observer's clipping range (mapped as ``minmax_init`` does)."""
+        if self._sgn is None:
+            self._signed.fill_(int(obs.lo < 0))
+            self._sync()
+        lo, hi = obs.clip_range(self.q_n, self.q_p, self.learn_offset)
+        s, b = minmax_init(torch.tensor([lo, hi], dtype=torch.float32), self.q_n, self.q_p,
+                           self.scale.shape, self.learn_offset)
+        self.scale.copy_(s)
+        if b is not None:
             self.offset.copy_(b)
         self._initialized.fill_(True)
         self._sync()
@@ -243,6 +287,8 @@ class LSQQuantizer(Quantizer):
 
     @torch.no_grad()
     def _observe(self, x, keep=1 << 14):
+        if self._observer is not None:
+            return self._observer.update(x)
         flat = x.detach().reshape(-1)
         if flat.numel() > keep:
             idx = torch.randint(0, flat.numel(), (keep,), device=flat.device)
@@ -250,9 +296,11 @@ class LSQQuantizer(Quantizer):
         self._obs.append(flat.float())
 
     def finish_observing(self):
-        obs = getattr(self, "_obs", [])
-        self.observing, self._obs = False, []
-        if obs:
+        obs, observer = getattr(self, "_obs", []), self._observer
+        self.discard_observations()
+        if observer is not None and not observer.empty:
+            self._init_from_observer(observer)
+        elif obs:
             self.initialize(torch.cat(obs))
 
     def spec(self) -> dict:

@@ -49,7 +49,7 @@ def share_input_quantizers(model: nn.Module, forward_fn: Callable[[nn.Module], o
         for h in hooks:
             h.remove()
         for q in quantizers.values():
-            q.observing, q._obs = False, []
+            q.discard_observations()
         model.train(was_training)
     groups: list[list[str]] = []
     for name, x in seen.items():

@@ -292,7 +292,7 @@ class UhlichBase(Quantizer):
 
     def finish_observing(self):
         obs = getattr(self, "_obs", [])
-        self.observing, self._obs = False, []
+        self.discard_observations()
         if obs:
             o = torch.stack(obs)
             self.initialize(torch.stack([o[:, 0].min(), o[:, 1].max()]))
