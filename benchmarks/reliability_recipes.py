@@ -102,7 +102,13 @@ def mutants(n: int, seed: int = 0):
         elif kind == "section":
             sec = rng.choice(list(doc))
             value = rng.choice([5, "x", [1], True, None, [], {}])
-            label = "any" if value is None or value == {} or sec in ("name",) and isinstance(value, str) else "invalid"
+            if sec == "seed":
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            elif sec in ("name", "description"):
+                ok = value is None or isinstance(value, str)
+            else:                       # a mapping section: only "absent" is a valid other value
+                ok = value is None or value == {}
+            label = "any" if ok else "invalid"
             doc[sec] = value
         elif kind == "string":
             label = "any"
