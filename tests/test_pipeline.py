@@ -23,7 +23,7 @@ def test_run_recipe_writes_everything(tmp_path):
     data = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("fp32_accuracy", "accuracy", "fp32_size_bytes", "size_bytes", "layers"):
         assert key in data
-    assert data["size_bytes"] < data["fp32_size_bytes"] / 6
+    assert data["size_bytes"] < data["fp32_size_bytes"] / 5     # 4-bit codes + per-channel steps + float biases
     assert all(r["w_bits"] == 4 and r["a_bits"] == 4 for r in data["layers"])  # first+last too
     assert data["accuracy"] > 0.6 and m["export"]["file_bytes"] > 0
     assert "| layer |" in (tmp_path / "report.md").read_text()

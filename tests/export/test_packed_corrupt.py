@@ -132,8 +132,8 @@ def test_shape_mismatch_in_file_and_model(packed):
     with pytest.raises(CheckpointError, match=r"3\.w_codes holds .* need"):
         load(packed)
     packed.write_bytes(good)
-    rewrite(packed, lambda meta, t: t.update({"params": t["params"][:-1]}))  # 4 + 2 steps, 10 + 2 steps
-    with pytest.raises(CheckpointError, match=r"tensor params holds 17 values, its header entries need 18"):
+    rewrite(packed, lambda meta, t: t.update({"params": t["params"][:-1]}))  # one value short
+    with pytest.raises(CheckpointError, match=r"tensor params holds (\d+) values, its header entries need (?!\1)\d+"):
         load(packed)
 
 

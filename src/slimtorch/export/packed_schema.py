@@ -197,8 +197,20 @@ class _Checks:
             if self.index[f"{e.name}.weight"]["shape"] != e.shape:
                 self.fail(f"{f}.shape", f"layer {e.name!r} weight shape {self.index[e.name + '.weight']['shape']} "
                                         f"does not match the header's {e.shape}")
+        if wq is not None and isinstance(wq.spec, LSQSpec):
+            self.scale_fits(f"quantizers[{e.wq}].spec.scale_shape", wq.spec.scale_shape, list(e.shape))
+        if aq is not None and isinstance(aq.spec, LSQSpec) and math.prod(aq.spec.scale_shape) != 1:
+            self.fail(f"quantizers[{e.aq}].spec.scale_shape", "an input quantizer has one step (per tensor), "
+                                                              f"got {aq.spec.scale_shape}")
         seen[e.name] = e
         return e.bias + sum(q.spec.float_numel() for q in (wq, aq) if q is not None)
+
+    def scale_fits(self, field: str, scale: list, shape: list) -> None:
+        """A weight step is per tensor ([1]) or per output channel ([out, 1, ...], one axis per dim)."""
+        per_channel = len(scale) == len(shape) and scale[0] == shape[0] and all(v == 1 for v in scale[1:])
+        if scale != [1] and not per_channel:
+            self.fail(field, f"{scale} fits neither per-tensor [1] nor per-channel "
+                             f"{[shape[0]] + [1] * (len(shape) - 1) if shape else '[out, 1, ...]'} for weight shape {shape}")
 
     def params(self, sizes: list):
         m = self.m
