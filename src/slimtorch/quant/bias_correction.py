@@ -1,0 +1,91 @@
+"""Empirical bias correction (Nagel et al. 2019, "Data-free quantization", Sec. 4.2, empirical form).
+
+Weight rounding shifts a layer's expected output: E[W x] - E[Q(W) x] = (W - Q(W)) E[x] != 0. After
+calibration, ``bias_correct_`` measures that shift per output channel on calibration batches, with
+both products on the same float input x (the layer's input before its input quantizer), and adds it
+to the layer's bias (a bias-free layer gets a new bias Parameter; build optimizers afterwards)."""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..attach import bias_transforms, raw_param, transform_input
+from .api import _iterate, quantized_layers
+from .bias import Int32Bias
+
+
+class _Swapped:
+    """``layer`` seen with another weight and no bias: the class's own forward (padding, stride,
+    groups, static same-padding of third-party convs) runs on it without hooks or parametrizations."""
+
+    def __init__(self, layer: nn.Module, weight: torch.Tensor):
+        self.__dict__.update(_layer=layer, weight=weight, bias=None)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_layer"], name)
+
+
+def _weight_error(layer: nn.Module, wq) -> torch.Tensor:
+    """W - Q(W): the weight the quantizer receives minus the weight the layer uses."""
+    return (transform_input(layer, wq) - layer.weight).detach()
+
+
+def _channel_mean_dims(layer: nn.Module, y: torch.Tensor) -> tuple[int, ...]:
+    ch = y.dim() - 1 if isinstance(layer, nn.Linear) else 1
+    return tuple(d for d in range(y.dim()) if d != ch)
+
+
+@torch.no_grad()
+def bias_correct_(model: nn.Module, forward_loop: Callable | Iterable, num_batches: int | None = None) -> int:
+    """For every calibrated layer with a weight quantizer (not Embedding): run ``forward_loop(model)``
+    (or the first ``num_batches`` of a loader) once, accumulate the per-output-channel mean over
+    batch and spatial positions of ``layer(x; W) - layer(x; Q(W))`` (x: the layer's float input),
+    then add it to the bias. Returns the number of layers corrected; train/eval mode is restored."""
+    layers, skipped = {}, []
+    for name, m, wq, _ in quantized_layers(model):
+        if wq is None or isinstance(m, nn.Embedding) or not wq.initialized:
+            continue
+        if any(not isinstance(t, Int32Bias) for t in bias_transforms(m)):
+            skipped.append(name)
+            continue
+        layers[name] = (m, wq)
+    if skipped:
+        warnings.warn(f"bias_correct_: skipped layers whose bias has a transform: {skipped}")
+    if not layers:
+        return 0
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {n: 0 for n in layers}
+    errs = {n: _weight_error(m, wq) for n, (m, wq) in layers.items()}
+
+    def hook_for(name, layer):
+        def hook(_mod, args):
+            y = type(layer).forward(_Swapped(layer, errs[name]), *args).to(torch.float64)
+            dims = _channel_mean_dims(layer, y)
+            s = y.sum(dim=dims)
+            sums[name] = s if name not in sums else sums[name] + s
+            counts[name] += y.numel() // s.numel()
+        return hook
+
+    # prepend: the hook sees the input before the layer's input quantizer (float x)
+    handles = [m.register_forward_pre_hook(hook_for(n, m), prepend=True) for n, (m, _) in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        _iterate(forward_loop, model, num_batches)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    done = 0
+    for name, (m, _) in layers.items():
+        if name not in sums:
+            continue
+        delta = (sums[name] / counts[name]).to(m.weight.dtype)
+        if m.bias is None:
+            m.bias = nn.Parameter(torch.zeros_like(delta))
+        raw_param(m, "bias").add_(delta.to(raw_param(m, "bias").dtype))
+        done += 1
+    return done
