@@ -101,8 +101,8 @@ def render(rec: dict, packed: dict, kills: dict) -> str:
              f"{rec['full_timeouts']} timed out (long but valid, e.g. huge epochs), "
              f"**{len(rec['late_errors'])} failed after training started**"
              + (": " + "; ".join(rec["late_errors"][:5]) if rec["late_errors"] else "") + ".",
-             f"Packed files by group: header edits with valid checksums {_table(packed['groups']['header'])}; "
-             f"byte damage {_table(packed['groups']['bytes'])}.",
+             f"Packed files by group: header edits with valid checksums {_table(packed['by_group']['header'])}; "
+             f"byte damage {_table(packed['by_group']['bytes'])}.",
              f"Peak memory loading a {packed.get('hostile_file_bytes', '?')}-byte file whose header asks "
              f"for a 250,000,000-element scale: {packed['peak_mb_hostile_header']:.3f} MB (tracemalloc)"
              + (f", peak RSS rise {packed['peak_rss_rise_mb_hostile_header']:.1f} MB"
@@ -133,6 +133,8 @@ def main(argv=None) -> None:
     print("packed", packed["counts"], flush=True)
     kills = kill_points(args.kills)
     print("kills", [r["identical"] for r in kills["rows"]], flush=True)
+    Path("runs").mkdir(exist_ok=True)
+    Path("runs/reliability.json").write_text(json.dumps({"recipes": rec, "packed": packed, "kills": kills}))
     body = render(rec, packed, kills)
     print(body)
     write_section("Reliability: hostile input and killed runs (issue 10)", body,
