@@ -1,4 +1,4 @@
-"""Packed file size vs the theoretical size (search/budget.py) and vs FP32, with a reload check.
+"""Packed file size vs the theoretical size (cost.py) and vs FP32, with a reload check.
 
     PYTHONPATH=src python -m benchmarks.export_size
 
@@ -122,7 +122,7 @@ def main():
     note = ("Theoretical bytes = sum over layers of ceil(numel x bits / 8) + 4 B per bias and quantizer "
             "parameter + every other float parameter and every persistent buffer that is not a "
             "quantizer's (BatchNorm running mean/var at 4 B, num_batches_tracked at 8 B) at its stored "
-            "width (search/budget.py `model_costs`); FP32 bytes = 4 B per float parameter + the same "
+            "width (cost.py `model_costs`); FP32 bytes = 4 B per float parameter + the same "
             "buffers. The file adds only the header: the safetensors index (one entry per layer's "
             "codes, one pooled parameter tensor, one state tensor per dtype) and the format text, "
             "zlib-compressed (format version 2: quantizer table, layer table, per-layer theoretical "

@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 
 import slimtorch as st
 from slimtorch.data import make_loader
-from slimtorch.search.budget import model_costs
+from slimtorch.cost import model_costs
 from slimtorch.search.hawq import HAWQConfig, _effective, hawq_search, weight_perturbation
 from slimtorch.search.hessian import hutchinson_traces
 from slimtorch.train import TrainConfig, train

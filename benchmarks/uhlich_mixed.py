@@ -26,7 +26,7 @@ import slimtorch as st
 from slimtorch.data import load_dataset, make_loaders
 from slimtorch.models.zoo import build_model
 from slimtorch.quant.uhlich import Uhlich
-from slimtorch.search import budget as B
+from slimtorch import cost as B
 from slimtorch.search.penalty import MemoryBudget, attach_budget, freeze_bits_, penalty, read_plan, step
 from slimtorch.train import TrainConfig, evaluate, train
 

@@ -37,7 +37,7 @@ def check_compression(model: torch.nn.Module, recipe, train_batches) -> None:
     """Try the recipe's compression on a deep copy of ``model`` with one batch of ``train_batches``
     (a re-iterable of ``(x, y)``): every error it raises is the one the real run would raise later."""
     from .quant import calibrate, quantize_
-    from .search.budget import trace_layers
+    from .cost import trace_layers
     from .search.penalty import penalty
 
     if recipe.compress is None:

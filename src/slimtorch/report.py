@@ -1,6 +1,7 @@
 """``report(model)``: per-layer rows (name, kind, params, weight bits, activation bits, bytes) and
 totals (bytes, FP32 bytes, compression ratio), printable as a table or markdown; a "stays float"
-line for every module holding parameters slimtorch cannot quantize (quant/coverage.py)."""
+line for every module holding parameters slimtorch cannot quantize (quant/coverage.py). With pruning
+masks: per layer the kept fraction and the sparse size (kept codes + mask, cost.py), and totals."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .quant.coverage import float_lines, float_modules
-from .search.budget import model_costs
+from .cost import model_costs
 
 
 def _fmt_bytes(n: float) -> str:
@@ -43,6 +44,10 @@ class Report:
         return {"layers": [dict(r) for r in self.rows], **self.totals,
                 "float_modules": [dict(e) for e in self.floats]}
 
+    @property
+    def pruned(self) -> bool:
+        return any(r.get("mask_format") for r in self.rows)
+
     def _table(self):
         head = ["layer", "kind", "params", "W bits", "A bits", "bytes"]
         body = [[r["name"], r["kind"], f"{r['params']:,}", "fp32" if r["w_bits"] == 32 else str(r["w_bits"]),
@@ -50,18 +55,32 @@ class Report:
                 for r in self.rows]
         t = self.totals
         foot = ["total", "", f"{t['params']:,}", "", "", _fmt_bytes(t["bytes"])]
+        if self.pruned:
+            head += ["kept", "mask", "sparse bytes"]
+            for row, r in zip(body, self.rows):
+                row += [f"{1 - r['sparsity']:.2%}", r["mask_format"] or "-", _fmt_bytes(r["sparse_bytes"])]
+            foot += [f"{1 - t['sparsity']:.2%}", "", _fmt_bytes(t["sparse_bytes"])]
         return head, body, foot
+
+    def _pruned_line(self) -> list[str]:
+        t = self.totals
+        if not self.pruned:
+            return []
+        return [f"pruned: {t['weights'] - t['kept']:,} of {t['weights']:,} weights ({t['sparsity']:.2%}); "
+                f"stored sparse (kept codes + masks): {_fmt_bytes(t['sparse_bytes'])} "
+                f"(x{t['fp32_bytes'] / t['sparse_bytes']:.2f} smaller than FP32)"]
 
     def __str__(self) -> str:
         t = self.totals
         tail = (f"FP32 {_fmt_bytes(t['fp32_bytes'])} -> {_fmt_bytes(t['bytes'])}  "
                 f"(x{t['compression']:.2f} smaller; other float params: {t['other_params']:,})")
-        return "\n".join([*render_table(*self._table()), tail, *float_lines(self.floats)])
+        return "\n".join([*render_table(*self._table()), tail, *self._pruned_line(), *float_lines(self.floats)])
 
     def to_markdown(self) -> str:
         t = self.totals
         return (render_markdown(*self._table()) +
                 f"\n\nFP32 {t['fp32_bytes']:,} B -> {t['bytes']:,} B (x{t['compression']:.2f}).\n"
+                + "".join(f"\n{line}\n" for line in self._pruned_line())
                 + "".join(f"\n- {line}" for line in float_lines(self.floats))
                 + ("\n" if self.floats else ""))
 
@@ -71,5 +90,6 @@ def report(model: nn.Module) -> Report:
     rows = [r.as_dict() for r in costs["layers"]]
     totals = {"bytes": costs["bytes"], "fp32_bytes": costs["fp32_bytes"],
               "compression": costs["compression"], "other_params": costs["other_params"],
-              "params": sum(r["params"] for r in rows) + costs["other_params"]}
+              "params": sum(r["params"] for r in rows) + costs["other_params"],
+              **{k: costs[k] for k in ("sparse_bytes", "weights", "kept", "sparsity")}}
     return Report(rows, totals, float_modules(model))

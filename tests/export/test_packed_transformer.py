@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import slimtorch as st
-from slimtorch.search.budget import model_costs
+from slimtorch.cost import model_costs
 
 
 class Classifier(nn.Module):

@@ -66,7 +66,7 @@ def test_deepcopy_follows_the_copy():
 def test_budget_counts_the_bias_once():
     m = _quantized(st.LSQ(w_bits=4, a_bits=4, bias="int32"), torch.randn(8, 1, 8, 8))
     ref = _quantized(st.LSQ(w_bits=4, a_bits=4), torch.randn(8, 1, 8, 8))
-    assert st.search.budget.model_costs(m)["bytes"] == st.search.budget.model_costs(ref)["bytes"]
+    assert st.cost.model_costs(m)["bytes"] == st.cost.model_costs(ref)["bytes"]
 
 
 def test_packed_roundtrip(tmp_path):

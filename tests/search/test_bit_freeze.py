@@ -7,7 +7,7 @@ from torch import nn
 
 import slimtorch as st
 from slimtorch.errors import ConfigError
-from slimtorch.search import budget as B
+from slimtorch import cost as B
 from slimtorch.search.penalty import get_budget
 
 MAX_STEPS_TO_MEET = 60

@@ -14,7 +14,7 @@ from slimtorch import LSQ, LSQPlus, quantize_
 from slimtorch.config import config_from_dict, config_to_dict
 from slimtorch.errors import ConfigError, PatternError
 from slimtorch.quant.api import weight_quantizer
-from slimtorch.search.budget import bitops, layer_costs, model_costs, trace_layers
+from slimtorch.cost import bitops, layer_costs, model_costs, trace_layers
 from slimtorch.search.hawq import (HAWQConfig, best_under, hawq_plan, hawq_search, monotone_allocate,
                                    pareto_front, weight_perturbation)
 from slimtorch.search.hessian import hutchinson_traces

@@ -9,7 +9,7 @@ from torch import nn
 import slimtorch as st
 from slimtorch.errors import ConfigError
 from slimtorch.quant.uhlich import Uhlich
-from slimtorch.search import budget as B
+from slimtorch import cost as B
 from slimtorch.search.penalty import (MemoryBudget, attach_budget, get_budget, clip_quant_values_, penalty, read_plan,
                                       register_penalty, set_grad_clip, step, _PENALTIES)
 

@@ -1,4 +1,4 @@
-"""What a packed file holds: per layer the bits, the theoretical bytes (search/budget.py, written at
+"""What a packed file holds: per layer the bits, the theoretical bytes (cost.py, written at
 save time) and the bytes the file really spends; totals with the header; a PNG bar chart."""
 from __future__ import annotations
 

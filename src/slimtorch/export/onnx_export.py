@@ -33,7 +33,7 @@ from torch import nn
 from ..attach import input_quantizer, raw_weight, weight_transforms
 from ..errors import ConfigError
 from ..quant.api import quantized_layers
-from ..search.budget import layer_kind
+from ..cost import layer_kind
 
 
 def _sym(op, inputs, like, dtype=None, shape=None, **attrs):

@@ -244,7 +244,7 @@ class _Checks:
 
     def costs(self, layers: dict):
         """Rows fit the layers; bytes and params agree with the entries (where the quantizers
-        are LSQ) and bound the theory totals (search/budget.py model_costs)."""
+        are LSQ) and bound the theory totals (cost.py model_costs)."""
         m, seen, rows_bytes, rows_params = self.m, set(), 0, 0
         for i, r in enumerate(m.costs):
             ok = len(r) == 6 if m.version == 1 else (len(r) == 3) == (r[0] in layers) and len(r) < 6

@@ -31,6 +31,8 @@ class BatchNormFold(nn.Module):
     """Holds the folded BN (``bn``, its parameters and running statistics) and a plain reference
     to the layer it is folded into; see the module docstring for its forward."""
 
+    cost_role = "fold"          # stored inside its layer (slimtorch.cost)
+
     def __init__(self, bn: _BatchNorm, layer: nn.Module):
         super().__init__()
         self.bn = bn

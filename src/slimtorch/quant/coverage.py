@@ -36,7 +36,8 @@ def float_modules(model: nn.Module) -> list[dict]:
     parametrization container: what ``quantize_`` leaves float without being asked to."""
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, QUANTIZABLE + NORMS + (Quantizer,)) or type(m).__name__ == "ParametrizationList":
+        if isinstance(m, QUANTIZABLE + NORMS + (Quantizer,)) or type(m).__name__ == "ParametrizationList" \
+                or getattr(m, "cost_role", None):        # compression state (masks, folds): slimtorch.cost
             continue
         own = {k: p for k, p in m._parameters.items() if p is not None}
         if not own:

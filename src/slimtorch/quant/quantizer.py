@@ -53,6 +53,7 @@ class Quantizer(nn.Module):
     deployed layer stores for this quantizer (for the byte accounting)."""
 
     role: str = "weight"
+    cost_role = "quantizer"     # the cost protocol of slimtorch.cost
 
     @property
     def bits(self) -> int:  # pragma: no cover - interface

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import budget as B
+from .. import cost as B
 
 
 def _learned(q) -> bool:

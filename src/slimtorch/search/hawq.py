@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..quant.api import per_channel_shape, quantize_, weight_quantizer
 from ..quant.configs import LSQPlus, QuantConfig
 from ..quant.quantizer import INITS, LSQQuantizer, check_bits
-from .budget import FLOAT_BITS, bitops, layer_costs, model_costs, packed_bytes, trace_layers
+from ..cost import FLOAT_BITS, bitops, layer_costs, model_costs, packed_bytes, trace_layers
 from .hessian import FROZEN_MODES, collect_batches, default_loss, hutchinson_traces
 from .pareto import Frontier, best_under, monotone_allocate, pareto_front  # noqa: F401
 

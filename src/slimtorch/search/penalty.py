@@ -5,9 +5,11 @@
 
 g_1 = sum_l S^w_l - S^w_0 (total weight size), g_2 = sum_l S^x_l - S^x_0 (total activation size per
 sample), g_3 = max_l S^x_l - S^x_0' (largest activation); sizes come from the learned bitwidths through
-:mod:`slimtorch.search.budget` (differentiable: b(theta) with straight-through ceil/round), in bytes or
+:mod:`slimtorch.cost` (differentiable: b(theta) with straight-through ceil/round), in bytes or
 kB (1 kB = 1024 B, as the official code; lambda = 0.1 there). ``read_plan`` reads the learned plan.
-Other methods can add their own terms/steps with ``register_penalty`` / ``register_step``."""
+Other methods add their own terms/steps with ``register_penalty`` / ``register_step``: pruning
+(prune/api.py) advances its sparsity schedule in ``step`` and adds soft movement's L1 term to
+``penalty``."""
 from __future__ import annotations
 
 import math
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from . import budget as B
+from .. import cost as B
 
 UNITS = {"B": 1.0, "kB": 1024.0}
 BUDGET_ATTR = "_slimtorch_budget"
@@ -152,7 +154,7 @@ class MemoryBudget:
             if self.bias_bits:
                 w += math.ceil((n + nb) * bw / 8)
             else:
-                qp = sum(q.num_qparam_values() for q in (wq, aq) if isinstance(q, B.Quantizer))
+                qp = sum(q.num_qparam_values() for q in (wq, aq) if B.is_quantizer(q))
                 w += math.ceil(n * bw / 8) + 4 * (nb + qp)
         out = {"weight": w / u}
         acts = []

@@ -1,4 +1,11 @@
-"""Costs in one place: bytes of each layer as the packed file stores it, model totals, FP32 size.
+"""Costs in one place (the foundation module quant/, prune/, search/, export/ and the report import):
+bytes of each layer as the packed file stores it, model totals, FP32 size, pruning masks' bytes and
+sparsity, activation sizes, MACs and BitOps.
+
+A pruned layer (a weight transform with ``cost_role`` "mask") also reports ``kept`` weights,
+``sparsity``, ``mask_bytes`` (bitmap of ceil(numel / 8) bytes or index list of kept * 1/2/4/8
+bytes, whichever is smaller) and ``sparse_bytes`` (kept codes + mask + float32 bias and quantizer
+parameters); ``bytes`` stays the dense size the packed file stores today (codes of W * M).
 
 A quantized layer stores its weight bit-packed at ``w_bits`` (ceil(numel * bits / 8) bytes), its
 bias and every quantizer parameter (steps, offsets) as float32 (``layer_cost``). The model total
@@ -18,10 +25,34 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from ..attach import QUANTIZABLE, input_quantizer, raw_param, raw_weight
-from ..quant.quantizer import Quantizer
+from .attach import QUANTIZABLE, input_quantizer, raw_param, raw_weight, transform_input, weight_transforms
 
 FLOAT_BITS = 32
+
+
+# The cost protocol: compression modules declare what they are with a class attribute ``cost_role``,
+# so that this foundation module imports nothing from quant/ or prune/ (they import it, downward):
+#   "quantizer": ``bits``, ``num_qparam_values()`` (Quantizer, quant/quantizer.py)
+#   "mask":      ``mask_for(x) -> bool tensor`` of the weight it receives (prune/mask.py)
+#   "fold":      a train-time BatchNorm fold stored inside its layer (quant/bn_qat.py)
+# Parameters and buffers of modules with a cost_role are compression state, not model weights.
+
+def cost_role(module) -> str | None:
+    return getattr(module, "cost_role", None)
+
+
+def is_quantizer(q) -> bool:
+    return cost_role(q) == "quantizer"
+
+
+def weight_quantizer(module: nn.Module):
+    """The first weight transform of ``module`` that is a quantizer, or None."""
+    return next((t for t in weight_transforms(module) if is_quantizer(t)), None)
+
+
+def weight_mask(module: nn.Module):
+    """The first weight transform of ``module`` that is a pruning mask, or None."""
+    return next((t for t in weight_transforms(module) if cost_role(t) == "mask"), None)
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -43,30 +74,71 @@ class LayerCost:
     w_bits: int          # 32 = float
     a_bits: int | None   # None = float input
     qparams: int         # float32 values stored by the layer's quantizers
-    bytes: int           # what the packed file stores for this layer
+    bytes: int           # what the packed file stores for this layer (dense: every weight's code)
+    kept: int = -1       # weights the pruning mask keeps (= weight_numel without a mask)
+    sparsity: float = 0.0            # fraction of the weights pruned
+    mask_bytes: int = 0              # the mask, as a bitmap or an index list, whichever is smaller
+    mask_format: str | None = None   # "bitmap" | "index" | None (no mask)
+    sparse_bytes: int = -1           # stored sparse: kept codes + mask + float32 bias/qparams
+
+    def __post_init__(self):
+        if self.kept < 0:
+            self.kept = self.weight_numel
+        if self.sparse_bytes < 0:
+            self.sparse_bytes = self.bytes
 
     def as_dict(self):
         return asdict(self)
 
 
+def index_bytes(numel: int) -> int:
+    """Bytes of one entry of an index list into ``numel`` weights: 1, 2, 4 or 8 (uint8..uint64)."""
+    return next(w for w in (1, 2, 4, 8) if numel <= 256 ** w)
+
+
+def mask_bytes(numel: int, kept: int) -> tuple[int, str]:
+    """(bytes, format) of a mask keeping ``kept`` of ``numel`` weights: a bitmap (ceil(numel / 8)
+    bytes) or the list of kept flat indices (``kept * index_bytes(numel)``), whichever is smaller
+    (the bitmap on a tie)."""
+    bitmap, index = math.ceil(numel / 8), kept * index_bytes(numel)
+    return (index, "index") if index < bitmap else (bitmap, "bitmap")
+
+
+def layer_mask(module: nn.Module):
+    """The current bool mask of ``module``'s weight (None when it has no pruning mask)."""
+    mk = weight_mask(module)
+    if mk is None:
+        return None
+    import torch
+
+    with torch.no_grad():
+        return mk.mask_for(transform_input(module, mk).detach())
+
+
 def layer_cost(name: str, module: nn.Module) -> LayerCost:
-    from ..quant.api import weight_quantizer
     w = raw_weight(module)
     bias = getattr(module, "bias", None)
     b_numel = bias.numel() if isinstance(bias, nn.Parameter) or hasattr(bias, "numel") else 0
     wq, aq = weight_quantizer(module), input_quantizer(module)
     w_bits = wq.bits if wq is not None else FLOAT_BITS
-    a_bits = aq.bits if isinstance(aq, Quantizer) else None
-    qparams = sum(q.num_qparam_values() for q in (wq, aq) if isinstance(q, Quantizer))
+    a_bits = aq.bits if is_quantizer(aq) else None
+    qparams = sum(q.num_qparam_values() for q in (wq, aq) if is_quantizer(q))
     nbytes = packed_bytes(w.numel(), w_bits) + 4 * (b_numel + qparams)
-    return LayerCost(name, layer_kind(module), w.numel() + b_numel, w.numel(), b_numel,
-                     w_bits, a_bits, qparams, nbytes)
+    row = LayerCost(name, layer_kind(module), w.numel() + b_numel, w.numel(), b_numel,
+                    w_bits, a_bits, qparams, nbytes)
+    mask = layer_mask(module)
+    if mask is not None:
+        row.kept = int(mask.sum())
+        row.sparsity = 1 - row.kept / max(w.numel(), 1)
+        row.mask_bytes, row.mask_format = mask_bytes(w.numel(), row.kept)
+        row.sparse_bytes = packed_bytes(row.kept, w_bits) + row.mask_bytes + 4 * (b_numel + qparams)
+    return row
 
 
 def _is_quantizer_param(name: str, model: nn.Module) -> bool:
     mod_name = name.rsplit(".", 1)[0] if "." in name else ""
     m = model.get_submodule(mod_name) if mod_name else model
-    return isinstance(m, Quantizer)
+    return cost_role(m) in ("quantizer", "mask")
 
 
 def layer_costs(model: nn.Module) -> list[LayerCost]:
@@ -75,14 +147,13 @@ def layer_costs(model: nn.Module) -> list[LayerCost]:
 
 def _qat_folds(model: nn.Module) -> list:
     """Names of train-time BatchNorm folds (quant/bn_qat.py): their BN is stored inside the layer."""
-    from ..quant.bn_qat import BatchNormFold
-    return [n for n, m in model.named_modules() if isinstance(m, BatchNormFold)]
+    return [n for n, m in model.named_modules() if cost_role(m) == "fold"]
 
 
 def state_buffers(model: nn.Module) -> list:
     """[(name, tensor)] of the persistent buffers outside quantizers, each tensor once: what the
     packed file stores besides the layers and parameters (BatchNorm statistics and the like)."""
-    quant = [n for n, m in model.named_modules() if isinstance(m, Quantizer)] + _qat_folds(model)
+    quant = [n for n, m in model.named_modules() if cost_role(m) in ("quantizer", "mask")] + _qat_folds(model)
     out, seen = [], set()
     for mod_name, m in model.named_modules():
         if any(mod_name == q or mod_name.startswith(q + ".") for q in quant):
@@ -96,7 +167,9 @@ def state_buffers(model: nn.Module) -> list:
 
 
 def model_costs(model: nn.Module) -> dict:
-    """Per-layer costs and totals. ``bytes`` = sum of the layer bytes + ``other_param_bytes`` (float
+    """Per-layer costs and totals. ``sparse_bytes``: the same with every pruned layer stored sparse
+    (kept codes + mask, ``LayerCost.sparse_bytes``); ``weights`` / ``kept`` / ``sparsity``: over the
+    quantizable layers. ``bytes`` = sum of the layer bytes + ``other_param_bytes`` (float
     parameters outside quantizable layers, at their width) + ``buffer_bytes`` (``state_buffers`` at
     their width): what an ideal file of this model must store. Also ``fp32_bytes``, ``compression``
     (fp32 / bytes), ``other_params`` and ``buffers`` (element counts)."""
@@ -122,7 +195,11 @@ def model_costs(model: nn.Module) -> dict:
     buf_bytes = sum(b.numel() * b.element_size() for b in bufs)
     total = sum(r.bytes for r in rows) + other_bytes + buf_bytes
     fp32 = 4 * float_params + buf_bytes
+    sparse = sum(r.sparse_bytes for r in rows) + other_bytes + buf_bytes
+    weights, kept = sum(r.weight_numel for r in rows), sum(r.kept for r in rows)
     return {"layers": rows, "bytes": total, "fp32_bytes": fp32, "params": float_params,
+            "sparse_bytes": sparse, "weights": weights, "kept": kept,
+            "sparsity": 1 - kept / weights if weights else 0.0,
             "other_params": other, "other_param_bytes": other_bytes,
             "buffers": sum(b.numel() for b in bufs), "buffer_bytes": buf_bytes,
             "compression": fp32 / total if total else float("inf")}
@@ -213,7 +290,6 @@ def layer_weight_bytes_tensor(module: nn.Module, bias_bits: bool = False):
     the paper's Table 2, (weights + bias) x b_w / 8, no quantizer parameters."""
     import torch
 
-    from ..quant.api import weight_quantizer
     wq, aq = weight_quantizer(module), input_quantizer(module)
     w = raw_weight(module).numel()
     bias = getattr(module, "bias", None)
@@ -221,7 +297,7 @@ def layer_weight_bytes_tensor(module: nn.Module, bias_bits: bool = False):
     b = quantizer_bits_tensor(wq)
     if bias_bits:
         return _ceil_ste((w + nb) * b / 8)
-    qparams = sum(q.num_qparam_values() for q in (wq, aq) if isinstance(q, Quantizer))
+    qparams = sum(q.num_qparam_values() for q in (wq, aq) if is_quantizer(q))
     return _ceil_ste(w * b / 8) + torch.tensor(4.0 * (nb + qparams), dtype=b.dtype)
 
 
@@ -246,14 +322,14 @@ def _quantizable(model):
 def activation_layers(model: nn.Module):
     """(name, module, input_quantizer) of every layer whose input is quantized."""
     return [(n, m, input_quantizer(m)) for n, m in model.named_modules()
-            if isinstance(m, QUANTIZABLE) and isinstance(input_quantizer(m), Quantizer)]
+            if isinstance(m, QUANTIZABLE) and is_quantizer(input_quantizer(m))]
 
 
 def activation_bytes_tensors(model: nn.Module, shapes: dict | None = None) -> dict:
     """{layer: differentiable bytes per sample of its quantized input} (Table 2's S^x). Elements per
     sample come from ``shapes`` (``trace_layers``) or, for learned-bit quantizers, from the last
     forward pass (``sample_numel``)."""
-    from ..errors import ConfigError
+    from .errors import ConfigError
     out = {}
     for name, _, aq in activation_layers(model):
         numel = shapes[name].in_numel if shapes is not None and name in shapes else \

@@ -10,7 +10,16 @@ from torch import nn
 import slimtorch as st
 from slimtorch.errors import ConfigError
 from slimtorch.quant.uhlich import Uhlich
-from slimtorch.search import budget as B
+from slimtorch import cost as B
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread avoids OpenMP oversubscription on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _net():
