@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from slimtorch.checkpoint import apply_checkpoint, read_checkpoint, restore_rng, save_checkpoint
+from slimtorch.distill import distill_loss
 from slimtorch.errors import ConfigError, DataError
 
 __all__ = ["TrainConfig", "train", "evaluate", "distillation_loss", "seed_everything"]
@@ -148,11 +149,9 @@ def _unpack(batch: Any, source: str) -> tuple:
 
 
 def distillation_loss(student_logits, teacher_logits, targets, alpha: float, temperature: float):
-    """``(1 - alpha) * CE(student, y) + alpha * T^2 * KL(softmax(t/T) || softmax(s/T))`` (batchmean)."""
-    t = temperature
-    kl = F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.softmax(teacher_logits / t, dim=-1),
-                  reduction="batchmean")
-    return (1 - alpha) * F.cross_entropy(student_logits, targets) + alpha * t * t * kl
+    """``(1 - alpha) * CE(student, y) + alpha * T^2 * KL(softmax(t/T) || softmax(s/T))`` (batchmean):
+    :func:`slimtorch.distill.distill_loss` with the trainer's argument order."""
+    return distill_loss(student_logits, teacher_logits, T=temperature, alpha=alpha, labels=targets)
 
 
 def _make_optimizer(model, config: TrainConfig, param_groups):
