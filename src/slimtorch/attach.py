@@ -1,6 +1,6 @@
 """Attach compression state to layers without rewriting the graph.
 
-Weight transforms (fake-quant now; masks, quant-noise and codebooks later) are registered as
+Weight transforms (fake-quant, pruning masks; quant-noise and codebooks later) are registered as
 ``torch.nn.utils.parametrize`` parametrizations of ``weight`` (they stack, in registration order);
 the input-activation quantizer is a submodule ``input_quantizer`` applied by a forward pre-hook.
 Works on any nn.Module (HF transformers included) without tracing."""
@@ -75,8 +75,28 @@ def transform_input(module: nn.Module, transform: nn.Module) -> torch.Tensor:
     raise ValueError(f"{type(transform).__name__} is not a weight transform of this module")
 
 
-def add_weight_transform(module: nn.Module, transform: nn.Module) -> None:
+def add_weight_transform(module: nn.Module, transform: nn.Module, before=None) -> None:
+    """Stack ``transform`` on ``module.weight``: last by default; with ``before`` (a predicate on
+    transforms), just before the first transform it accepts (e.g. a mask before the quantizer)."""
     parametrize.register_parametrization(module, "weight", transform)
+    if before is None:
+        return
+    chain = module.parametrizations.weight
+    at = next((i for i, t in enumerate(chain) if t is not transform and before(t)), None)
+    if at is not None:
+        del chain[len(chain) - 1]
+        chain.insert(at, transform)
+
+
+def remove_weight_transform(module: nn.Module, transform: nn.Module) -> None:
+    """Take ``transform`` out of ``module.weight``'s chain (the stored weight is left as it is)."""
+    chain = list(weight_transforms(module))
+    if transform not in chain:
+        raise ValueError(f"{type(transform).__name__} is not a weight transform of this module")
+    if len(chain) == 1:
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    else:
+        del module.parametrizations.weight[chain.index(transform)]
 
 
 def add_bias_transform(module: nn.Module, transform: nn.Module) -> None:

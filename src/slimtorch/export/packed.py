@@ -22,7 +22,7 @@ base64-encoded by container.py):
                 the rebuilt quantizers have (so the per-layer lengths follow from the header)
     state       {dtype: [[key, shape], ...]} the rest of model.state_dict() (norms, float layers,
                 buffers), concatenated per dtype into tensor state.<dtype>
-    costs       per quantizable layer in module order (search/budget.py): [name, bytes, a_bits] for
+    costs       per quantizable layer in module order (cost.py): [name, bytes, a_bits] for
                 a layer in ``layers`` (kind, params and w_bits follow from its entry), [name, bytes,
                 kind, params] for a float layer (in the state)
     theory      {bytes, fp32_bytes, params}: theoretical totals of ``model_costs``
@@ -48,7 +48,7 @@ from ..quant.bias import Int32Bias, attach_int32_bias
 from ..quant.bn_fold import folded_pairs
 from ..quant.bn_qat import BatchNormFold, FoldedWeight
 from ..quant.quantizer import Quantizer, build_quantizer
-from ..search.budget import layer_kind, model_costs
+from ..cost import cost_role, layer_kind, model_costs, weight_mask
 from .bitpack import pack_tensor, unpack_tensor
 from .container import DTYPES, read_container, write_container
 from .packed_schema import check_meta
@@ -122,13 +122,23 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
                               "fold it with fold_batchnorm_(train=False) to save it")
     taken |= {k for k in sd if any(k.startswith(b + ".") for b in qat_folds)}
     first_user: dict[int, str] = {}     # input quantizer object -> first layer using it
+    quantized_names = {n for n, *_ in quantized_layers(model)}
+    for name, m in model.named_modules():
+        if name not in quantized_names and weight_mask(m) is not None:
+            raise ConfigError(f"layer {name!r} has a pruning mask but no quantizer: the packed format "
+                              "does not store masks yet; materialise them first with "
+                              "slimtorch.apply_masks_(model)")
     for name, m, wq, aq in quantized_layers(model):
         w, bias = m.weight, getattr(m, "bias", None)
         entry = {"name": name, "module": layer_kind(m), "shape": list(w.shape)}
         params = [] if bias is None else [_f32(bias, f"{name}.bias")]
         if wq is not None:
-            others = [type(t).__name__ for t in weight_transforms(m) if t is not wq
-                      and not isinstance(t, FoldedWeight)]      # a BN fold: the codes are of W_fold
+            chain = weight_transforms(m)
+            # a BN fold: the codes are of W_fold; a pruning mask before the quantizer: the codes are
+            # of W * M (stored dense: the packed storage of masks is a later format version)
+            others = [type(t).__name__ for i, t in enumerate(chain) if t is not wq
+                      and not isinstance(t, FoldedWeight)
+                      and not (cost_role(t) == "mask" and i < chain.index(wq))]
             if others:
                 raise ConfigError(f"layer {name!r}: weight transforms {others} are not supported by "
                                   f"packed format version {VERSION}")
