@@ -21,7 +21,8 @@ def _as_list(p):
     return [] if p is None else [p] if isinstance(p, str) else list(p)
 
 
-def find_layers(model: nn.Module, include=None, exclude=None, types=QUANTIZABLE) -> dict[str, nn.Module]:
+def find_layers(model: nn.Module, include=None, exclude=None, types=QUANTIZABLE,
+                what: str = "quantizable") -> dict[str, nn.Module]:
     """Layers of ``types`` whose qualified name matches an ``include`` glob (all when None) and no
     ``exclude`` glob. A pattern that matches no layer raises PatternError naming it.
     An nn.MultiheadAttention one of whose projections the globs select is split first (in place,
@@ -31,7 +32,7 @@ def find_layers(model: nn.Module, include=None, exclude=None, types=QUANTIZABLE)
         split_selected_(model, include, exclude)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, types)}
     if not layers:
-        raise PatternError(f"no quantizable layer ({', '.join(t.__name__ for t in types)}) in "
+        raise PatternError(f"no {what} layer ({', '.join(t.__name__ for t in types)}) in "
                            f"{type(model).__name__}")
     inc, exc = _as_list(include), _as_list(exclude)
     for pat in inc + exc:

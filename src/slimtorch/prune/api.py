@@ -49,7 +49,7 @@ def prune_(model: nn.Module, config: PruneConfig, include=None, exclude=None) ->
         raise ConfigError(f"prune_: expected a pruning config (Magnitude, HardMovement, SoftMovement), "
                           f"got {type(config).__name__}")
     types = PRUNABLE + ((nn.Embedding,) if config.embeddings else ())
-    layers = find_layers(model, include, exclude, types=types)
+    layers = find_layers(model, include, exclude, types=types, what="prunable")
     for name, m in layers.items():
         if weight_mask(m) is not None:
             raise ConfigError(f"layer {name!r} is already pruned")
