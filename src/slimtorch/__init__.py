@@ -1,13 +1,13 @@
 """slimtorch: learned low-bit quantization, mixed precision, pruning and packed export for PyTorch.
 
 The verbs work inside any training loop:
-    [fold_batchnorm_] -> quantize_ -> calibrate -> [bias_correct_] -> (loss + penalty(model)) -> step(model)
+    [fold_batchnorm_] -> [equalize_] -> quantize_ -> calibrate -> [bias_correct_] -> (loss + penalty(model)) -> step(model)
     -> [reestimate_bn_] -> report -> save_packed / load_packed
 """
 from .config import config_from_dict, config_to_dict, load_config, save_config
 from .errors import CheckpointError, ConfigError, DataError, PatternError, SlimtorchError
 from .quant import LSQ, LSQPlus, calibrate, quantize_, quantized_layers, share_input_quantizers
-from .quant import bias_correct_, fold_batchnorm_, freeze_bn_stats, reestimate_bn_
+from .quant import bias_correct_, equalize_, fold_batchnorm_, freeze_bn_stats, reestimate_bn_
 from .quant.uhlich import Uhlich
 from .quant.param_groups import quantizer_param_groups
 from .report import report
@@ -20,7 +20,7 @@ from .export.onnx_layernorm import unfuse_skip_layernorm_file
 __version__ = "0.1.0"
 
 __all__ = ["LSQ", "LSQPlus", "Uhlich", "calibrate", "quantize_", "quantized_layers", "share_input_quantizers", "report",
-           "bias_correct_", "fold_batchnorm_", "freeze_bn_stats", "reestimate_bn_",
+           "bias_correct_", "equalize_", "fold_batchnorm_", "freeze_bn_stats", "reestimate_bn_",
            "penalty", "step", "quantizer_param_groups", "read_plan", "freeze_bits_", "MemoryBudget", "HAWQConfig", "hawq_plan", "hawq_search",
            "hutchinson_traces", "save_packed", "load_packed", "export_onnx", "unfuse_skip_layernorm_file",
            "config_from_dict", "config_to_dict", "load_config", "save_config",
