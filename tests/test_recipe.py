@@ -130,3 +130,9 @@ def test_duplicate_keys_in_a_recipe_file(tmp_path):
     p.write_text("data: {name: digits}\nmodel: {name: digits_mlp}\ntrain: {epochs: 1, lr: 0.1, lr: 0.2}\n")
     with pytest.raises(ConfigError, match=r"dup.yaml.*duplicate key 'lr'"):
         load_recipe(p)
+
+
+def test_shipped_prune_recipe_parses():
+    from pathlib import Path
+    r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "digits-prune-lsq-w4a4.yaml")
+    assert type(r.prune).method == "hard_movement" and r.prune_select == {"exclude": "conv1"}

