@@ -39,3 +39,21 @@ def test_budget_bytes_equal_file_bytes_per_layer(p, extra, tmp_path):
     assert sum(budget.values()) == B.weight_bytes(m)
     # the Uhlich quantizers store two floats each (d/qmax, b/d, b/qmax, qmin/qmax, b/qmin)
     assert B.layer_cost("3", m[3]).qparams == 4
+
+
+@pytest.mark.parametrize("remaining", [0.03, 0.3])
+def test_pruned_layers_file_bytes_equal_sparse_cost(remaining, tmp_path):
+    """A pruned + quantized layer is stored as its mask (bitmap or index list, cost.mask_bytes) plus
+    the kept codes: the file spends exactly LayerCost.sparse_bytes on it (stored_bytes)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10))
+    st.prune_(m, st.Magnitude(remaining=remaining))
+    st.quantize_(m, st.LSQ(w_bits=4, a_bits=8))
+    st.calibrate(m, [(torch.randn(8, 64),)], num_batches=1)
+    rep = file_report(st.save_packed(m, tmp_path / "m.slim")["path"])
+    rows = {r["name"]: r for r in rep.rows}
+    for name in ("0", "2"):
+        c = B.layer_cost(name, m.get_submodule(name))
+        assert c.mask_format == ("index" if remaining == 0.03 else "bitmap")
+        assert B.stores_sparse(c) and rows[name]["file_bytes"] == rows[name]["theory_bytes"] == c.sparse_bytes
+    assert rep.totals["theory_bytes"] == B.model_costs(m)["stored_bytes"]

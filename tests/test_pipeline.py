@@ -30,6 +30,19 @@ def test_run_recipe_writes_everything(tmp_path):
     assert (tmp_path / "model.onnx").stat().st_size > 0
 
 
+def test_run_recipe_prunes_and_quantizes(tmp_path):
+    """The prune step: masks before the quantizers, the schedule over the fine-tuning steps, the packed
+    file storing masks + kept codes (smaller than the dense codes)."""
+    import slimtorch as st
+    doc = {**DOC, "export": {"path": "model.slim"},
+           "prune": {"method": "hard_movement", "remaining": 0.2, "total_steps": 20, "warmup_steps": 2}}
+    m = pipeline.run_recipe(parse_recipe(doc), tmp_path, progress=False)
+    assert m["prune"]["sparsity"] == pytest.approx(0.8, abs=0.01) and m["prune"]["method"] == "hard_movement"
+    assert m["prune"]["stored_bytes"] < m["size_bytes"]           # sparse layers: mask + kept codes
+    loaded = st.load_packed(tmp_path / "model.slim", lambda: pipeline.build_model("digits_mlp", num_classes=10, hidden=32))
+    assert st.sparsity(loaded)["weights"] == 0 and loaded.fc2.weight.count_nonzero() <= 0.2 * 32 * 32 + 1
+
+
 def _sigint_in_finetune(monkeypatch, at_step: int):
     """Make the pipeline's second train() call (fine-tuning) receive SIGINT after step ``at_step``
     (its own on_step still runs); returns the real train to put back."""

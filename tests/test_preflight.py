@@ -32,6 +32,11 @@ def _doc(**sections):
                    "target_weight": 0.001, "target_unit": "kB"}}, ConfigError, "budget weight=0.001 kB is below"),
     ({"compress": {"method": "uhlich", "w_bits": 4, "a_bits": 4, "target_act_max": 1e-6,
                    "target_unit": "B"}}, ConfigError, "budget act_max=1e-06 B is below"),
+    ({"prune": {"method": "magnitude", "include": "conv*"}}, PatternError, r"prune: pattern 'conv\*' matches no layer"),
+    ({"prune": {"method": "hard_movement", "total_steps": 50}}, ConfigError,
+     "prune: total_steps=50 but finetune runs 1 epochs x 7 batches = 7 steps"),
+    ({"prune": {"method": "magnitude", "structure": "blocks", "block": [5, 5]}}, ConfigError,
+     r"prune: layer 'fc1' \(blocks\).*whole number of blocks"),
 ])
 def test_model_dependent_errors_come_before_training(tmp_path, monkeypatch, sections, err, match):
     def no_training(*a, **k):

@@ -17,6 +17,40 @@ def _with(section, **kv):
     return doc
 
 
+PRUNE = {"method": "hard_movement", "remaining": 0.25, "total_steps": 10, "warmup_steps": 2, "include": "fc*"}
+
+
+def test_prune_section_builds_a_pruning_config():
+    from slimtorch.prune import HardMovement
+    r = parse_recipe({**BASE, "prune": PRUNE})
+    assert isinstance(r.prune, HardMovement) and r.prune.remaining == 0.25 and r.prune.total_steps == 10
+    assert r.prune_select == {"include": "fc*"}
+    assert parse_recipe(BASE).prune is None
+
+
+@pytest.mark.parametrize("prune,match", [
+    ({**PRUNE, "remainig": 0.1}, r"prune \(hard_movement\): unknown key\(s\) \['remainig'\]"),
+    ({**PRUNE, "remaining": 1.5}, r"prune.*remaining=1.5 is outside \(0, 1\]"),
+    ({**PRUNE, "remaining": "0.1"}, r"prune \(hard_movement\).remaining"),
+    ({**PRUNE, "warmup_steps": 5}, "warm-ups .* are longer than the run"),
+    ({**PRUNE, "structure": "diagonal"}, "structure='diagonal'"),
+    ({**PRUNE, "include": 3}, r"prune.include"),
+    ({**PRUNE, "method": "lsq"}, "'lsq' is not a pruning method"),
+    ({"remaining": 0.1}, "needs a 'method' key"),
+])
+def test_bad_prune_sections_fail_early(prune, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_recipe({**BASE, "prune": prune})
+
+
+def test_prune_needs_compress_and_finetune():
+    with pytest.raises(ConfigError, match="'prune' section needs a 'compress' section"):
+        parse_recipe({k: v for k, v in BASE.items() if k not in ("compress", "finetune")} | {"prune": PRUNE})
+    with pytest.raises(ConfigError, match="total_steps=10 needs a 'finetune' section"):
+        parse_recipe({k: v for k, v in BASE.items() if k != "finetune"} | {"prune": PRUNE})
+    parse_recipe({k: v for k, v in BASE.items() if k != "finetune"} | {"prune": {"method": "magnitude"}})
+
+
 def test_parse_builds_method_config():
     r = parse_recipe(BASE)
     assert isinstance(r.compress, LSQPlus) and r.compress.w_bits == 4
@@ -96,3 +130,9 @@ def test_duplicate_keys_in_a_recipe_file(tmp_path):
     p.write_text("data: {name: digits}\nmodel: {name: digits_mlp}\ntrain: {epochs: 1, lr: 0.1, lr: 0.2}\n")
     with pytest.raises(ConfigError, match=r"dup.yaml.*duplicate key 'lr'"):
         load_recipe(p)
+
+
+def test_shipped_prune_recipe_parses():
+    from pathlib import Path
+    r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "digits-prune-lsq-w4a4.yaml")
+    assert type(r.prune).method == "hard_movement" and r.prune_select == {"exclude": "conv1"}

@@ -5,7 +5,8 @@ sparsity, activation sizes, MACs and BitOps.
 A pruned layer (a weight transform with ``cost_role`` "mask") also reports ``kept`` weights,
 ``sparsity``, ``mask_bytes`` (bitmap of ceil(numel / 8) bytes or index list of kept * 1/2/4/8
 bytes, whichever is smaller) and ``sparse_bytes`` (kept codes + mask + float32 bias and quantizer
-parameters); ``bytes`` stays the dense size the packed file stores today (codes of W * M).
+parameters); ``bytes`` stays the dense size (codes of W * M). The packed file stores a pruned
+quantized layer sparse when that is smaller (``stores_sparse`` / ``stored_bytes``).
 
 A quantized layer stores its weight bit-packed at ``w_bits`` (ceil(numel * bits / 8) bytes), its
 bias and every quantizer parameter (steps, offsets) as float32 (``layer_cost``). The model total
@@ -104,6 +105,17 @@ def mask_bytes(numel: int, kept: int) -> tuple[int, str]:
     return (index, "index") if index < bitmap else (bitmap, "bitmap")
 
 
+def stores_sparse(row: LayerCost) -> bool:
+    """Whether the packed file stores this pruned, quantized layer sparse (its ``mask_format`` mask
+    + the kept weights' codes, ``sparse_bytes``): when that is smaller than the dense codes."""
+    return row.mask_format is not None and row.w_bits <= 8 and row.sparse_bytes < row.bytes
+
+
+def stored_bytes(row: LayerCost) -> int:
+    """Bytes the packed file spends on this layer: ``sparse_bytes`` when ``stores_sparse``, else ``bytes``."""
+    return row.sparse_bytes if stores_sparse(row) else row.bytes
+
+
 def layer_mask(module: nn.Module):
     """The current bool mask of ``module``'s weight (None when it has no pruning mask)."""
     mk = weight_mask(module)
@@ -168,7 +180,8 @@ def state_buffers(model: nn.Module) -> list:
 
 def model_costs(model: nn.Module) -> dict:
     """Per-layer costs and totals. ``sparse_bytes``: the same with every pruned layer stored sparse
-    (kept codes + mask, ``LayerCost.sparse_bytes``); ``weights`` / ``kept`` / ``sparsity``: over the
+    (kept codes + mask, ``LayerCost.sparse_bytes``); ``stored_bytes``: what the packed file stores
+    (each pruned quantized layer sparse where that is smaller, ``stored_bytes``); ``weights`` / ``kept`` / ``sparsity``: over the
     quantizable layers. ``bytes`` = sum of the layer bytes + ``other_param_bytes`` (float
     parameters outside quantizable layers, at their width) + ``buffer_bytes`` (``state_buffers`` at
     their width): what an ideal file of this model must store. Also ``fp32_bytes``, ``compression``
@@ -196,9 +209,10 @@ def model_costs(model: nn.Module) -> dict:
     total = sum(r.bytes for r in rows) + other_bytes + buf_bytes
     fp32 = 4 * float_params + buf_bytes
     sparse = sum(r.sparse_bytes for r in rows) + other_bytes + buf_bytes
+    stored = sum(stored_bytes(r) for r in rows) + other_bytes + buf_bytes
     weights, kept = sum(r.weight_numel for r in rows), sum(r.kept for r in rows)
     return {"layers": rows, "bytes": total, "fp32_bytes": fp32, "params": float_params,
-            "sparse_bytes": sparse, "weights": weights, "kept": kept,
+            "sparse_bytes": sparse, "stored_bytes": stored, "weights": weights, "kept": kept,
             "sparsity": 1 - kept / weights if weights else 0.0,
             "other_params": other, "other_param_bytes": other_bytes,
             "buffers": sum(b.numel() for b in bufs), "buffer_bytes": buf_bytes,

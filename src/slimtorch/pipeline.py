@@ -1,7 +1,8 @@
 """``run_recipe``: the CLI's main job, built only from public library verbs.
 
-data -> model -> float training (or float checkpoint) -> evaluate -> [fold_batchnorm_] -> quantize_ +
-calibrate -> fine-tune (QAT) -> [reestimate_bn_] -> evaluate -> report -> packed export -> metrics.json +
+data -> model -> float training (or float checkpoint) -> evaluate -> [fold_batchnorm_] -> [prune_] ->
+quantize_ + calibrate -> fine-tune (QAT; the pruning schedule advances with st.step, soft movement's
+penalty joins the loss) -> [reestimate_bn_] -> evaluate -> report -> packed export -> metrics.json +
 report.md.
 Each training stage checkpoints atomically in the output folder; ``resume=True`` continues there.
 Every generator is seeded from the recipe before anything is built, so two runs of a recipe give the
@@ -23,6 +24,7 @@ from .errors import CheckpointError, ConfigError
 from .export import export_onnx, save_packed
 from .models import build_model
 from .preflight import preflight
+from .prune import prune_, prune_param_groups, pruned_layers, sparsity
 from .quant import calibrate, fold_batchnorm_, quantize_, reestimate_bn_
 from .recipe import Recipe
 from .report import report
@@ -75,6 +77,14 @@ def _groups(model, cfg):
     return quantizer_param_groups(model, lr=cfg.lr)
 
 
+def _all_groups(model, cfg):
+    """``_groups`` plus the mask scores of movement pruning at their own learning rate."""
+    groups = _groups(model, cfg)
+    if not any(hasattr(mk, "scores") for *_, mk in pruned_layers(model)):
+        return groups
+    return prune_param_groups(model, lr=cfg.lr, base=groups)
+
+
 def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool = True) -> dict:
     """Execute ``recipe`` writing into ``out_dir``; returns the metrics (also in metrics.json).
     File paths in the metrics are relative to ``out_dir``; wall times are under ``timing``."""
@@ -117,6 +127,9 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
             metrics["fold_bn"] = {"folded": [list(p) for p in folded.folded], "skipped": folded.skipped}
         if recipe.search is not None:
             plan = _search(model, recipe, loaders(recipe.finetune)[1], out, metrics, progress)
+        if recipe.prune is not None:    # masks before the quantizers: W' = Q(W * M)
+            prune_(model, recipe.prune, include=recipe.prune_select.get("include"),
+                   exclude=recipe.prune_select.get("exclude"))
         quantize_(model, recipe.compress, include=sel.get("include"), exclude=sel.get("exclude"),
                   plan=plan)
         cfg, tr, test = loaders(recipe.finetune)
@@ -125,12 +138,18 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
         if recipe.finetune is not None and cfg.epochs > 0:
             # budget penalties (Uhlich) and per-step value clipping: no-ops for methods without them
             train(model, tr.batches, cfg, checkpoint_path=out / "finetune.ckpt", resume=resume,
-                  extra_loss=penalty, on_step=lambda m, _s: step(m), param_groups=_groups(model, cfg),
+                  extra_loss=penalty, on_step=lambda m, _s: step(m), param_groups=_all_groups(model, cfg),
                   extra_state=(freeze_state, load_freeze_state))
         if sel.get("reestimate_bn"):   # BN statistics of the quantized model (cumulative average)
             seen = reestimate_bn_(model, tr.batches(0), num_batches=sel["reestimate_bn"])
             metrics["reestimate_bn"] = {"layers": sorted(seen), "batches": max(seen.values(), default=0)}
         metrics["plan"] = read_plan(model)
+        if recipe.prune is not None:
+            sp = sparsity(model)
+            from .cost import model_costs
+            metrics["prune"] = {"method": type(recipe.prune).method, "kept": sp["kept"], "weights": sp["weights"],
+                                "sparsity": round(sp["sparsity"], 6),
+                                "stored_bytes": model_costs(model)["stored_bytes"]}   # masks + kept codes
     rep = report(model)
     metrics["accuracy"] = evaluate(model, test.batches(0))["accuracy"]
     metrics["size_bytes"] = rep.totals["bytes"]

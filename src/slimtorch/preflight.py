@@ -14,7 +14,7 @@ import random
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, PatternError
 
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
 
@@ -64,10 +64,21 @@ def check_compression(model: torch.nn.Module, recipe, train_batches) -> None:
             check_budget(trial, cfg, recipe.compress, example_input=x)
         except ConfigError as e:
             raise ConfigError(f"search: {e}") from None
-    try:
-        if sel.get("fold_bn"):
-            from .quant import fold_batchnorm_
+    _check_prune_steps(recipe, n_batches)
+    if sel.get("fold_bn"):
+        from .quant import fold_batchnorm_
+        try:
             fold_batchnorm_(trial, x, warn=False)
+        except ConfigError as e:
+            raise ConfigError(f"compress: {e}") from None
+    if getattr(recipe, "prune", None) is not None:
+        from .prune import prune_
+        try:
+            prune_(trial, recipe.prune, include=recipe.prune_select.get("include"),
+                   exclude=recipe.prune_select.get("exclude"))
+        except (ConfigError, PatternError) as e:
+            raise type(e)(f"prune: {e}") from None
+    try:
         quantize_(trial, recipe.compress, include=sel.get("include"), exclude=sel.get("exclude"),
                   plan=sel.get("plan"))
         calibrate(trial, [x], num_batches=1)
@@ -75,6 +86,19 @@ def check_compression(model: torch.nn.Module, recipe, train_batches) -> None:
             penalty(trial, shapes=trace_layers(trial, x))
     except ConfigError as e:
         raise ConfigError(f"compress: {e}") from None
+
+
+def _check_prune_steps(recipe, n_batches) -> None:
+    """The pruning schedule must end within the fine-tuning run (one st.step per optimizer step)."""
+    cfg = getattr(recipe, "prune", None)
+    if cfg is None or cfg.total_steps == 0 or n_batches is None:
+        return
+    from .train import TrainConfig
+    epochs = (recipe.finetune or {}).get("epochs", TrainConfig.epochs)
+    if cfg.total_steps > epochs * n_batches:
+        raise ConfigError(f"prune: total_steps={cfg.total_steps} but finetune runs {epochs} epochs x "
+                          f"{n_batches} batches = {epochs * n_batches} steps: the schedule would not reach "
+                          "its final sparsity")
 
 
 def preflight(model: torch.nn.Module, recipe, train_batches) -> None:

@@ -9,6 +9,9 @@ signature. What depends on the model is checked by ``pipeline.preflight`` right 
     model:    {name: digits_cnn, kwargs: {}, checkpoint: null}   # zoo name or "pkg.module:factory"
     train:    {epochs: 10, lr: 0.002, ...}                       # float training (skipped with checkpoint)
     search:   {method: hawq, bits: [2, 4, 8], budget: avg_bits, target: 3}   # optional: a bit plan
+    prune:    {method: hard_movement, remaining: 0.1, total_steps: 200, warmup_steps: 20,
+               structure: unstructured, include: null, exclude: null}    # optional, needs compress:
+               # masks first (W' = Q(W * M)), the schedule runs during finetune (st.step each step)
     compress: {method: lsq+, w_bits: 4, a_bits: 4, include: null, exclude: null,
                plan: null, calibrate_batches: 8,     # method uhlich: learned bits + budget penalty
                fold_bn: false, reestimate_bn: null}  # BN folded before quantize_; BN stats re-estimated after
@@ -27,7 +30,7 @@ from .config import config_from_dict, load_yaml
 from .errors import ConfigError
 from .schema import build, check_call, check_mapping
 
-SECTIONS = ("name", "description", "seed", "data", "model", "train", "search", "compress", "finetune",
+SECTIONS = ("name", "description", "seed", "data", "model", "train", "search", "prune", "compress", "finetune",
             "export")
 Globs = Optional[Union[str, tuple[str, ...]]]
 PlanEntry = Union[int, dict[str, Optional[int]]]
@@ -86,6 +89,14 @@ class SelectSection:
 
 
 @dataclass(frozen=True)
+class PruneSelect:
+    """The prune keys that choose layers (the rest is the pruning config: magnitude,
+    hard_movement or soft_movement, Sanh, Wolf & Rush 2020)."""
+    include: Globs = None
+    exclude: Globs = None
+
+
+@dataclass(frozen=True)
 class ExportSection:
     path: str = "model.slim"
     onnx: Optional[str] = None
@@ -112,6 +123,8 @@ class Recipe:
     export: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)   # the document as read
     search: object | None = None     # a search config (HAWQConfig) producing the plan
+    prune: object | None = None      # a pruning config (Magnitude, HardMovement, SoftMovement)
+    prune_select: dict = field(default_factory=dict)   # include / exclude of the prune section
 
 
 def _given(section_cls, doc: dict, key: str, where: str) -> dict | None:
@@ -177,11 +190,40 @@ def parse_recipe(doc: dict, name: str = "recipe") -> Recipe:
             raise ConfigError(f"{name}: a 'search' section needs a 'compress' section to apply its plan")
         if select.get("plan") is not None:
             raise ConfigError(f"{name}: give either compress.plan or a search section, not both")
+    prune, prune_select = _prune_section(doc, name, compress, finetune)
     export = _given(ExportSection, doc, "export", name) or {}
     if train is None and not model.get("checkpoint"):
         raise ConfigError(f"{name}: give either a 'train' section or model.checkpoint (float weights)")
     return Recipe(doc.get("name") or name, seed, data, model, train, compress, select, finetune, export,
-                  doc, search)
+                  doc, search, prune, prune_select)
+
+
+def _prune_section(doc: dict, name: str, compress, finetune) -> tuple:
+    """(pruning config, {include, exclude}) of the ``prune`` section, or (None, {})."""
+    from .prune import PruneConfig
+
+    if doc.get("prune") is None:
+        return None, {}
+    where = f"{name}: prune"
+    body = dict(check_mapping(doc["prune"], where))
+    given = {k: body.pop(k) for k in list(body) if k in ("include", "exclude")}
+    sel = build(PruneSelect, given, where)
+    from .config import _CONFIGS
+    cls = _CONFIGS.get(body.get("method")) if isinstance(body.get("method"), str) else None
+    if cls is not None and not issubclass(cls, PruneConfig):
+        raise ConfigError(f"{where}: method {body['method']!r} is not a pruning method; use magnitude, "
+                          "hard_movement or soft_movement")
+    cfg = config_from_dict(body, where=where)
+    if not isinstance(cfg, PruneConfig):
+        raise ConfigError(f"{where}: method {type(cfg).method!r} is not a pruning method; use magnitude, "
+                          "hard_movement or soft_movement")
+    if compress is None:
+        raise ConfigError(f"{where}: a 'prune' section needs a 'compress' section (the packed file stores "
+                          "masks with the quantized codes of the kept weights)")
+    if cfg.total_steps > 0 and finetune is None:
+        raise ConfigError(f"{where}: total_steps={cfg.total_steps} needs a 'finetune' section (the "
+                          "schedule advances once per fine-tuning step)")
+    return cfg, {k: getattr(sel, k) for k in given}
 
 
 def load_recipe(path) -> Recipe:

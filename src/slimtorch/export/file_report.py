@@ -78,7 +78,7 @@ def file_report(path) -> FileReport:
     nbytes = {k: e["data_offsets"][1] - e["data_offsets"][0] for k, e in index.items()}
     own = {}                                   # bytes per owning layer name (None = other state)
     for e in meta["layers"]:                   # params: the layer's slice of the pooled tensor (v2)
-        keys = [f"{e['name']}.{t}" for t in ("w_codes", "weight", "params")]
+        keys = [f"{e['name']}.{t}" for t in ("w_codes", "weight", "params", "mask", "mask_index")]
         own[e["name"]] = sum(tensors[k].numel() * tensors[k].element_size() for k in keys if k in tensors)
     costs = cost_rows(meta)
     float_layers = {r[0] for r in costs if r[0] not in own}

@@ -13,19 +13,25 @@ base64-encoded by container.py):
         kind  "codes": tensor <name>.w_codes (U8) = encode(W) bit-packed at ``bits``
                        (bitpack.py); W = decode(codes) with the rebuilt weight quantizer
               "float": tensor <name>.weight holds W (a layer with only an input quantizer)
-              reserved, refused by this version with a clear error (later issues fill them):
+              "masked": a pruned layer (prune/, Sanh et al. 2020) stored sparse where that is
+                       smaller than dense codes (cost.stores_sparse): ``kept`` weights, ``mask``
+                       "bitmap" (tensor <name>.mask, U8, ceil(n / 8) bytes, bit i = flat weight i,
+                       bitpack.py at 1 bit) or "index" (tensor <name>.mask_index, U8: the kept flat
+                       indices, increasing, little-endian at cost.index_bytes(n) bytes each),
+                       whichever cost.mask_bytes picks, and <name>.w_codes = the kept weights' codes
+                       only (flat order) packed at ``bits``; a pruned weight's code is the encoded 0
+              reserved, refused by this version with a clear error (a later issue fills it):
               "codebook": <name>.codebook [k, d] F32 + <name>.w_codes = indices packed at
-                          ceil(log2 k) bits;  "masked": <name>.mask = 1-bit bitmap + codes of the
-                          kept weights only.
+                          ceil(log2 k) bits.
     params      (tensor, F32) per layer in ``layers`` order: its bias, then the weight quantizer's
                 float state, then the input quantizer's, each in state_dict order with the shapes
                 the rebuilt quantizers have (so the per-layer lengths follow from the header)
     state       {dtype: [[key, shape], ...]} the rest of model.state_dict() (norms, float layers,
                 buffers), concatenated per dtype into tensor state.<dtype>
-    costs       per quantizable layer in module order (cost.py): [name, bytes, a_bits] for
+    costs       per quantizable layer in module order (cost.py, bytes as stored: cost.stored_bytes): [name, bytes, a_bits] for
                 a layer in ``layers`` (kind, params and w_bits follow from its entry), [name, bytes,
                 kind, params] for a float layer (in the state)
-    theory      {bytes, fp32_bytes, params}: theoretical totals of ``model_costs``
+    theory      {bytes, fp32_bytes, params}: theoretical totals of ``model_costs`` (bytes: stored_bytes)
     folded_bn   (optional) [layer, bn] pairs whose BatchNorm is folded into the layer's stored weight
                 and bias (quant/bn_fold.py); ``load_packed`` makes each bn an identity, each layer biased
     split_mha   (optional) names of the nn.MultiheadAttention modules whose projections were split
@@ -48,9 +54,10 @@ from ..quant.bias import Int32Bias, attach_int32_bias
 from ..quant.bn_fold import folded_pairs
 from ..quant.bn_qat import BatchNormFold, FoldedWeight
 from ..quant.quantizer import Quantizer, build_quantizer
-from ..cost import cost_role, layer_kind, model_costs, weight_mask
+from ..cost import cost_role, layer_cost, layer_kind, model_costs, stored_bytes, stores_sparse, weight_mask
 from .bitpack import pack_tensor, unpack_tensor
 from .container import DTYPES, read_container, write_container
+from .packed_masks import sparse_entry as _sparse, sparse_codes as _unsparse
 from .packed_schema import check_meta
 
 FORMAT, VERSION = "slimtorch.packed", 2
@@ -126,8 +133,8 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
     for name, m in model.named_modules():
         if name not in quantized_names and weight_mask(m) is not None:
             raise ConfigError(f"layer {name!r} has a pruning mask but no quantizer: the packed format "
-                              "does not store masks yet; materialise them first with "
-                              "slimtorch.apply_masks_(model)")
+                              "stores masks with quantized codes only; quantize the layer or "
+                              "materialise the mask first with slimtorch.apply_masks_(model)")
     for name, m, wq, aq in quantized_layers(model):
         w, bias = m.weight, getattr(m, "bias", None)
         entry = {"name": name, "module": layer_kind(m), "shape": list(w.shape)}
@@ -135,7 +142,7 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
         if wq is not None:
             chain = weight_transforms(m)
             # a BN fold: the codes are of W_fold; a pruning mask before the quantizer: the codes are
-            # of W * M (stored dense: the packed storage of masks is a later format version)
+            # of W * M, stored sparse (mask + kept codes) where that is smaller (_sparse)
             others = [type(t).__name__ for i, t in enumerate(chain) if t is not wq
                       and not isinstance(t, FoldedWeight)
                       and not (cost_role(t) == "mask" and i < chain.index(wq))]
@@ -149,7 +156,10 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
             if not torch.equal(rebuilt.decode(codes).to(w.dtype), w):
                 raise ConfigError(f"layer {name!r}: {type(wq).__name__}.decode(encode(W)) does not "
                                   "reproduce the fake-quantized weight; cannot pack it exactly")
-            tensors[f"{name}.w_codes"] = pack_tensor(codes, wq.bits)
+            if stores_sparse(layer_cost(name, m)):
+                _sparse(name, m, wq, codes, entry, tensors)
+            else:
+                tensors[f"{name}.w_codes"] = pack_tensor(codes, wq.bits)
             params += [_f32(v, f"{name} weight quantizer {k}") for k, v in wq.state_dict().items()
                        if v.is_floating_point()]
         else:
@@ -189,11 +199,11 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
             **({"build": build} if build else {}), **({"split_mha": split} if split else {}),
             **({"folded_bn": [list(p) for p in folds]} if folds else {}),
             "quantizers": table, "layers": layers, "state": state,
-            "costs": [[r.name, r.bytes, r.a_bits] if r.name in names else [r.name, r.bytes, r.kind, r.params]
+            "costs": [[r.name, stored_bytes(r), r.a_bits] if r.name in names else [r.name, r.bytes, r.kind, r.params]
                       for r in costs["layers"]],
-            "theory": {"bytes": costs["bytes"], "fp32_bytes": costs["fp32_bytes"], "params": costs["params"]}}
+            "theory": {"bytes": costs["stored_bytes"], "fp32_bytes": costs["fp32_bytes"], "params": costs["params"]}}
     size = write_container(path, tensors, meta)
-    return {"path": str(path), "file_bytes": size, "theoretical_bytes": costs["bytes"],
+    return {"path": str(path), "file_bytes": size, "theoretical_bytes": costs["stored_bytes"],
             "fp32_bytes": costs["fp32_bytes"]}
 
 
@@ -249,10 +259,11 @@ def _decode_layer(e, m, table, tensors, path):
             sd.update({k: parts.pop(0) for k, _ in _float_keys(q)})
             q.load_state_dict(sd)
     codes = None
-    if e["kind"] == "codes":
+    if e["kind"] in ("codes", "masked"):
         if wq.bits != e["bits"]:
             raise CheckpointError(f"{path}: layer {name!r} says {e['bits']} bits, its quantizer has {wq.bits}")
-        codes = unpack_tensor(tensors[f"{name}.w_codes"], e["bits"], e["shape"])
+        codes = unpack_tensor(tensors[f"{name}.w_codes"], e["bits"], e["shape"]) if e["kind"] == "codes" \
+            else _unsparse(e, wq, tensors, path)
         w = wq.decode(codes).to(m.weight.dtype)
     else:
         w = tensors[f"{name}.weight"]

@@ -18,7 +18,7 @@ from .bitpack import packed_size
 from .container import ITEMSIZE
 
 BIG = 1 << 62                  # no count, dimension or byte total of a real file comes near it
-KINDS = ("codes", "float")
+KINDS = ("codes", "float", "masked")
 Count = Annotated[int, Field(ge=0, le=BIG)]
 Shape = Annotated[list[Count], Field(max_length=16)]
 Bytes = Count
@@ -88,6 +88,8 @@ class Layer(_Strict):
     bias: Count = 0
     int32_bias: bool = False
     aq_shared: Optional[Text] = None
+    kept: Optional[Count] = None                              # kind "masked": weights kept
+    mask: Optional[Literal["bitmap", "index"]] = None         # kind "masked": how the mask is stored
 
 
 class ZooBuild(_Strict):
@@ -182,7 +184,24 @@ class _Checks:
         if e.aq_shared is not None and (e.aq_shared not in seen or seen[e.aq_shared].aq != e.aq or e.aq is None):
             self.fail(f"{f}.aq_shared", f"{e.aq_shared!r} is not an earlier layer with the same input quantizer")
         n = math.prod(e.shape)
-        if e.kind == "codes":
+        if (e.kind == "masked") != (e.kept is not None) or (e.kind == "masked") != (e.mask is not None):
+            self.fail(f"{f}.kind", f"layer {e.name!r}: 'kept' and 'mask' go with kind 'masked' only, and it needs both")
+        if e.kind == "masked":
+            if wq is None or e.bits > 8:
+                self.fail(f"{f}.wq" if wq is None else f"{f}.bits",
+                          f"layer {e.name!r}: a 'masked' layer needs a weight quantizer and 1..8 bits")
+            if not 1 <= e.kept <= n:
+                self.fail(f"{f}.kept", f"layer {e.name!r} keeps {e.kept} of {n} weights")
+            got, need = self.tensor(f"{e.name}.w_codes", f, "U8"), packed_size(e.kept, e.bits)
+            if got != need:
+                self.fail(f"{f}.kept", f"tensor {e.name}.w_codes holds {got} uint8 values; {e.kept} kept weights "
+                                       f"at {e.bits} bits need {need}")
+            key = f"{e.name}.mask" if e.mask == "bitmap" else f"{e.name}.mask_index"
+            got, need = self.tensor(key, f"{f}.mask", "U8"), self.mask_size(e)
+            if got != need:
+                self.fail(f"{f}.mask", f"tensor {key} holds {got} bytes; the {e.mask} of {e.kept} of {n} "
+                                       f"weights needs {need}")
+        elif e.kind == "codes":
             if wq is None or e.bits > 8:
                 self.fail(f"{f}.wq" if wq is None else f"{f}.bits",
                           f"layer {e.name!r}: a 'codes' layer needs a weight quantizer and 1..8 bits")
@@ -204,6 +223,12 @@ class _Checks:
                                                               f"got {aq.spec.scale_shape}")
         seen[e.name] = e
         return e.bias + sum(q.spec.float_numel() for q in (wq, aq) if q is not None)
+
+    @staticmethod
+    def mask_size(e: Layer) -> int:
+        from ..cost import index_bytes
+        n = math.prod(e.shape)
+        return (n + 7) // 8 if e.mask == "bitmap" else e.kept * index_bytes(n)
 
     def scale_fits(self, field: str, scale: list, shape: list) -> None:
         """A weight step is per tensor ([1]) or per output channel ([out, 1, ...], one axis per dim)."""
@@ -275,7 +300,8 @@ class _Checks:
             self.fail(f"costs[{i}][2]", f"activation bits {a_bits!r} do not match layer {e.name!r}")
         n = math.prod(e.shape)
         exact = all(isinstance(q, LSQSpec) for q in qs)
-        return n + e.bias, packed_size(n, e.bits) + 4 * (e.bias + sum(q.float_numel() for q in qs)) if exact else None
+        codes = packed_size(n, e.bits) if e.kind != "masked" else packed_size(e.kept, e.bits) + self.mask_size(e)
+        return n + e.bias, codes + 4 * (e.bias + sum(q.float_numel() for q in qs)) if exact else None
 
     def run(self) -> list:
         m, seen = self.m, {}

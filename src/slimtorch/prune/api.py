@@ -25,6 +25,8 @@ from ..search.penalty import register_penalty, register_step
 from .binarize import global_threshold
 from .configs import PruneConfig, SoftMovement, TopKConfig
 from .mask import Mask, SoftMovementMask, _ScoredMask, make_mask
+from .sites import find_sites
+from .structure import TIED, Grouping, grouping_for
 from .schedule import cubic_value, regularization_lambda
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -48,22 +50,50 @@ def prune_(model: nn.Module, config: PruneConfig, include=None, exclude=None) ->
     if not isinstance(config, PruneConfig):
         raise ConfigError(f"prune_: expected a pruning config (Magnitude, HardMovement, SoftMovement), "
                           f"got {type(config).__name__}")
-    types = PRUNABLE + ((nn.Embedding,) if config.embeddings else ())
-    layers = find_layers(model, include, exclude, types=types, what="prunable")
-    for name, m in layers.items():
-        if weight_mask(m) is not None:
-            raise ConfigError(f"layer {name!r} is already pruned")
     group = next(_GROUPS)
-    handler_for(config)(model, config, layers, group)
+    if config.structure in TIED:
+        _apply_tied(model, config, find_sites(model, config.structure, include, exclude), group)
+    else:
+        types = PRUNABLE + ((nn.Embedding,) if config.embeddings else ())
+        layers = find_layers(model, include, exclude, types=types, what="prunable")
+        _not_pruned(layers)
+        handler_for(config)(model, config, layers, group)
     _recompute_global(model, force_group=group)
     return model
 
 
+def _not_pruned(layers: dict) -> None:
+    for name, m in layers.items():
+        if weight_mask(m) is not None:
+            raise ConfigError(f"layer {name!r} is already pruned")
+
+
 @register_handler(PruneConfig)
 def _apply_masks(model, config: PruneConfig, layers: dict, group: int):
-    for m in layers.values():
-        mask = make_mask(config, raw_param(m, "weight").detach(), group)
+    for name, m in layers.items():
+        w = raw_param(m, "weight").detach()
+        mask = make_mask(config, w, group, grouping_for(config, name, w))
         add_weight_transform(m, mask, before=is_quantizer)
+
+
+def _apply_tied(model, config: PruneConfig, sites: list, group: int) -> None:
+    """One mask per layer of each head / neuron site, all reading the first one's scores
+    (structure.py); each lists the whole tie in ``members`` (magnitude sums over it)."""
+    for site in sites:
+        _not_pruned({n: model.get_submodule(n) for n in site.layers})
+        tie, leader = [], None
+        for names, axis in ((site.rows, 0), (site.cols, 1)):
+            for n in names:
+                m = model.get_submodule(n)
+                w = raw_param(m, "weight").detach()
+                g = Grouping("axis", axis, site.size)
+                g.check(w.shape, f"layer {n!r} ({config.structure} of {site.name or 'the model'!r})")
+                mk = make_mask(config, w, group, g, leader)
+                leader = leader or mk
+                add_weight_transform(m, mk, before=is_quantizer)
+                tie.append((m, mk))
+        for _, mk in tie:
+            mk.members[:] = tie
 
 
 def _groups(model) -> dict:
@@ -85,7 +115,8 @@ def _recompute_global(model, force_group: int | None = None) -> None:
         step, cfg = int(mk0.step), mk0.config
         if not (force_group is not None or step % cfg.global_every == 0 or step == cfg.total_steps):
             continue
-        thr = global_threshold([mk.importance(transform_input(m, mk)) for m, mk in entries], float(mk0.value))
+        thr = global_threshold([mk.importance(transform_input(m, mk)) for m, mk in entries if mk.tie_first],
+                               float(mk0.value))
         for _, mk in entries:
             mk.threshold.fill_(thr)
 
@@ -118,7 +149,7 @@ def soft_penalty(model: nn.Module):
             continue
         cfg: SoftMovement = mk0.config
         lam = regularization_lambda(float(mk0.value), cfg.final_value(), cfg.lam)
-        reg = torch.stack([mk.regularizer() for _, mk in entries]).mean()
+        reg = torch.stack([mk.regularizer() for _, mk in entries if mk.tie_first]).mean()
         term = lam * reg
         total = term if total is None else total + term
     return total
@@ -138,7 +169,8 @@ def prune_param_groups(model: nn.Module, lr: float, weight_decay: float | None =
     by_lr: dict[float, list] = {}
     score_ids = set()
     for _, _, mk in pruned_layers(model):
-        if isinstance(mk, _ScoredMask) and mk.scores.requires_grad and id(mk.scores) not in score_ids:
+        if isinstance(mk, _ScoredMask) and mk.tie_first and mk.scores.requires_grad \
+                and id(mk.scores) not in score_ids:
             score_ids.add(id(mk.scores))
             by_lr.setdefault(float(mk.config.scores_lr), []).append(mk.scores)
     if base is not None:
@@ -182,8 +214,8 @@ def apply_masks_(model: nn.Module) -> dict:
     Assumes the transforms before a mask are per-channel scalings (a BatchNorm fold) or none.
     Returns {layer: kept weights}. Training afterwards may regrow the zeroed weights."""
     out = {}
-    for name, m, mk in list(pruned_layers(model)):
-        mask = mk.mask_for(transform_input(m, mk))
+    todo = [(name, m, mk, mk.mask_for(transform_input(m, mk))) for name, m, mk in pruned_layers(model)]
+    for name, m, mk, mask in todo:      # every mask first: tied masks read each other's layers
         raw_param(m, "weight").mul_(mask.to(raw_param(m, "weight").dtype))
         remove_weight_transform(m, mk)
         out[name] = int(mask.sum())

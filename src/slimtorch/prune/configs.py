@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..config import register_config
 from ..errors import ConfigError
+from .structure import STRUCTURES
 
 SCOPES = ("layer", "global")
 MIN_KEEP = 0.005
@@ -34,13 +35,21 @@ class PruneConfig:
         (the final sparsity from the start; magnitude only).
     warmup_steps, initial_warmup, final_warmup: the warm-ups (schedule.py), in steps x units.
     min_keep: the fraction every layer keeps at least (>= 0.005).
-    embeddings: also prune nn.Embedding weights (frozen by default, as the paper)."""
+    embeddings: also prune nn.Embedding weights (frozen by default, as the paper).
+    structure: "unstructured" (one score per weight, the paper), "blocks" (``block`` = (bh, bw)
+        tiles of the (out, in * kernel) view, nn_pruning's block movement), "rows" (output units),
+        "columns" (input units), "heads" (attention heads: q/k/v rows + output-projection columns
+        share one score) or "neurons" (FFN neurons: first Linear's row + second's column); scores
+        are aggregated per group (structure.py). Heads and neurons can be removed by ``shrink_``.
+    block: (bh, bw), the tile of ``structure="blocks"`` (32 x 32 by default)."""
     total_steps: int = 0
     warmup_steps: int = 0
     initial_warmup: float = 1.0
     final_warmup: float = 2.0
     min_keep: float = MIN_KEEP
     embeddings: bool = False
+    structure: str = "unstructured"
+    block: tuple[int, int] = (32, 32)
 
     needs_steps = False       # movement methods learn scores: they need a run
 
@@ -69,6 +78,15 @@ class PruneConfig:
                               f"[{MIN_KEEP}, 1] (never fewer than 0.5% of a layer's weights are kept)")
         if not isinstance(self.embeddings, bool):
             raise ConfigError(f"{name}: embeddings={self.embeddings!r}; expected true or false")
+        if self.structure not in STRUCTURES:
+            raise ConfigError(f"{name}: structure={self.structure!r}; expected one of {STRUCTURES}")
+        b = self.block
+        if not isinstance(b, (tuple, list)) or len(b) != 2 or not all(_int(v) and v >= 1 for v in b):
+            raise ConfigError(f"{name}: block={b!r}; expected two integers >= 1 (rows, columns of a tile)")
+        object.__setattr__(self, "block", tuple(b))
+        if self.structure in ("heads", "neurons") and self.embeddings:
+            raise ConfigError(f"{name}: structure={self.structure!r} prunes attention / FFN Linears; "
+                              "embeddings=true does not apply")
 
     # the schedule's endpoints (schedule.py): overridden per method
     def initial_value(self) -> float:
