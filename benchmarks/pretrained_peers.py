@@ -30,7 +30,8 @@ NOTES = """Notes on the peers (same FP32 model, same calibration batches of 8, s
 - optimum-quanto 0.2.7 (`--no-deps`): `quantize(weights=qint8|qint4, activations=qint8)`, `Calibration()` over the
   calibration batches, `freeze`. Its QConv2d drops the package's static same-padding forward, so its convs are
   first rewritten as Sequential(ZeroPad2d, Conv2d) (identical FP32 outputs). Symmetric int8 activations.
-- slimtorch rows are fake-quantized torch (`quantize_` + `calibrate`, `bias_correct_` where named), BN unfolded."""
+- slimtorch rows are fake-quantized torch (`quantize_` + `calibrate`, which bias-corrects unless `bias_correction=False`
+  is named; `adaround_` where named), BN unfolded."""
 
 
 def export_fp32(model: torch.nn.Module, size: int = 240) -> str:

@@ -43,7 +43,7 @@ NOTES = """Notes on the peers (same FP32 model, same calibration batches, same t
   nn.MultiheadAttention's in_proj_weight (used functionally) stays float.
 - slimtorch rows: `st.quantize_(m, st.LSQPlus(w_bits=b, a_bits=8))` with no other option (every Linear and
   Embedding, nn.MultiheadAttention split into projections), `st.calibrate` on the calibration batches, plus
-  `st.bias_correct_` on the same batches where named. Fake-quantized torch."""
+  bias correction (calibrate's default) on the same batches unless `bias_correction=False` is named. Fake-quantized torch."""
 
 
 def export_onnx(model: torch.nn.Module, example: tuple, names: tuple[str, ...]) -> str:

@@ -1,7 +1,7 @@
 """slimtorch: learned low-bit quantization, mixed precision, pruning and packed export for PyTorch.
 
 The verbs work inside any training loop:
-    [fold_batchnorm_] -> [equalize_] -> quantize_ -> calibrate -> [bias_correct_] -> (loss + penalty(model)) -> step(model)
+    [fold_batchnorm_] -> [equalize_] -> quantize_ -> calibrate -> [adaround_] -> (loss + penalty(model)) -> step(model)
     -> [reestimate_bn_] -> report -> save_packed / load_packed
 and pruning stacks with them on the same layers (W' = Q(W * M)):
     prune_ -> (loss [+ distill_loss] + penalty(model)) -> step(model) -> report [-> shrink_]
@@ -9,7 +9,7 @@ and pruning stacks with them on the same layers (W' = Q(W * M)):
 from .config import config_from_dict, config_to_dict, load_config, save_config
 from .errors import CheckpointError, ConfigError, DataError, PatternError, SlimtorchError
 from .quant import LSQ, LSQPlus, calibrate, quantize_, quantized_layers, share_input_quantizers
-from .quant import bias_correct_, equalize_, fold_batchnorm_, freeze_bn_stats, reestimate_bn_
+from .quant import adaround_, bias_correct_, equalize_, fold_batchnorm_, freeze_bn_stats, reestimate_bn_
 from .quant.uhlich import Uhlich
 from .quant.param_groups import quantizer_param_groups
 from .report import report
@@ -25,7 +25,7 @@ from .export.onnx_layernorm import unfuse_skip_layernorm_file
 __version__ = "0.1.0"
 
 __all__ = ["LSQ", "LSQPlus", "Uhlich", "calibrate", "quantize_", "quantized_layers", "share_input_quantizers", "report",
-           "bias_correct_", "equalize_", "fold_batchnorm_", "freeze_bn_stats", "reestimate_bn_",
+           "adaround_", "bias_correct_", "equalize_", "fold_batchnorm_", "freeze_bn_stats", "reestimate_bn_",
            "prune_", "Magnitude", "HardMovement", "SoftMovement", "prune_param_groups", "pruned_layers", "sparsity",
            "apply_masks_", "shrink_", "distill_loss", "hidden_state_loss",
            "penalty", "step", "quantizer_param_groups", "read_plan", "freeze_bits_", "MemoryBudget", "HAWQConfig", "hawq_plan", "hawq_search",

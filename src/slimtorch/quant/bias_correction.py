@@ -3,7 +3,9 @@
 Weight rounding shifts a layer's expected output: E[W x] - E[Q(W) x] = (W - Q(W)) E[x] != 0. After
 calibration, ``bias_correct_`` measures that shift per output channel on calibration batches, with
 both products on the same float input x (the layer's input before its input quantizer), and adds it
-to the layer's bias (a bias-free layer gets a new bias Parameter; build optimizers afterwards)."""
+to the layer's bias (a bias-free layer gets a new bias Parameter; build optimizers afterwards).
+Idempotent: the applied shift is remembered on the layer (``_slim_bias_correction``), and a second
+call replaces it rather than adding to it (``calibrate`` already corrects by default)."""
 from __future__ import annotations
 
 import warnings
@@ -15,6 +17,8 @@ from torch import nn
 from ..attach import bias_transforms, raw_param, transform_input
 from .api import _iterate, quantized_layers
 from .bias import Int32Bias
+
+CORRECTION_ATTR = "_slim_bias_correction"
 
 
 class _Swapped:
@@ -86,6 +90,26 @@ def bias_correct_(model: nn.Module, forward_loop: Callable | Iterable, num_batch
         delta = (sums[name] / counts[name]).to(m.weight.dtype)
         if m.bias is None:
             m.bias = nn.Parameter(torch.zeros_like(delta))
-        raw_param(m, "bias").add_(delta.to(raw_param(m, "bias").dtype))
+        bias = raw_param(m, "bias")
+        old = getattr(m, CORRECTION_ATTR, None)
+        if old is not None:                   # replace an earlier correction, never add a second one
+            bias.sub_(old.to(bias.dtype))
+        bias.add_(delta.to(bias.dtype))
+        setattr(m, CORRECTION_ATTR, delta.detach().clone())
         done += 1
     return done
+
+
+@torch.no_grad()
+def undo_bias_correction_(model: nn.Module) -> list[str]:
+    """Take every correction ``bias_correct_`` applied back out of the biases; returns the layers."""
+    undone = []
+    for name, m in model.named_modules():
+        delta = getattr(m, CORRECTION_ATTR, None)
+        if delta is None:
+            continue
+        bias = raw_param(m, "bias")
+        bias.sub_(delta.to(bias.dtype))
+        delattr(m, CORRECTION_ATTR)
+        undone.append(name)
+    return undone
