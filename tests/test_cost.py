@@ -116,7 +116,7 @@ def _conv_bn():
 def test_model_costs_count_buffers_by_hand(tmp_path):
     m = _conv_bn()
     st.quantize_(m, st.LSQ(w_bits=4, a_bits=4, weights="per_tensor"))
-    st.calibrate(m, [torch.randn(4, 1, 8, 8)])
+    st.calibrate(m, [torch.randn(4, 1, 8, 8)], bias_correction=False)   # no bias added
     c = B.model_costs(m)
     conv = math.ceil(36 * 4 / 8) + 4 * (0 + 1 + 1)             # codes, no bias, W step + A step
     fc = math.ceil(1440 * 4 / 8) + 4 * (10 + 1 + 1)            # codes, bias, W step + A step
