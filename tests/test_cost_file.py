@@ -10,13 +10,7 @@ from slimtorch.export.file_report import file_report
 from slimtorch import cost as B
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP oversubscription on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("p", ["U1", "U2", "U3", "P1", "P2", "P3"])

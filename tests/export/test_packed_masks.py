@@ -14,12 +14,7 @@ from slimtorch.export.file_report import file_report
 from slimtorch.export.packed import read_packed
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Reshape(nn.Module):
