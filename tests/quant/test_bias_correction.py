@@ -104,3 +104,20 @@ def test_calibrate_corrects_by_default_once_and_reads_a_generator_once():
     bias = m.bias.detach().clone()
     st.bias_correct_(m, data)                   # a second correction replaces the first
     assert torch.allclose(m.bias, bias, atol=1e-6)
+
+
+def test_calibrate_does_not_start_a_reiterable_loader_just_to_check_it():
+    class Loader:                                  # like a DataLoader: each iter() is a new pass
+        def __init__(self, data):
+            self.data, self.passes = data, 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter(self.data)
+
+    torch.manual_seed(6)
+    m = nn.Linear(16, 8)
+    st.quantize_(m, st.LSQ(w_bits=4, a_bits=8))
+    loader = Loader(_data((16,), n=3))
+    st.calibrate(m, loader)
+    assert loader.passes == 2                      # one observed pass + one bias-correction pass

@@ -3,7 +3,7 @@ initialisers on a few batches, ``quantized_layers`` lists what is attached."""
 from __future__ import annotations
 
 import itertools
-
+from collections.abc import Iterator
 from typing import Callable, Iterable
 
 import torch
@@ -133,7 +133,7 @@ def calibrate(model: nn.Module, forward_loop: Callable | Iterable, num_batches: 
     A one-shot iterator (generator) is read once into a list (its first ``num_batches``) so both
     passes see the same batches.
     Returns the number of activation quantizers initialised; train/eval mode is restored."""
-    if not callable(forward_loop) and iter(forward_loop) is forward_loop:   # one-shot (maybe endless)
+    if isinstance(forward_loop, Iterator):        # one-shot (maybe endless); a loader is left alone
         forward_loop = list(itertools.islice(forward_loop, num_batches))
     n = _observe_activations(model, forward_loop, num_batches, reinit_weights)
     if bias_correction:
