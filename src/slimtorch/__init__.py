@@ -5,6 +5,8 @@ The verbs work inside any training loop:
     -> [reestimate_bn_] -> report -> save_packed / load_packed
 and pruning stacks with them on the same layers (W' = Q(W * M)):
     prune_ -> (loss [+ distill_loss] + penalty(model)) -> step(model) -> report [-> shrink_]
+and Quant-Noise trains a model for (product) quantization (W' = Q(noise(W * M)), identity in eval):
+    quant_noise_ -> (training) -> remove_quant_noise_
 """
 from .config import config_from_dict, config_to_dict, load_config, save_config
 from .errors import CheckpointError, ConfigError, DataError, PatternError, SlimtorchError
@@ -15,6 +17,7 @@ from .quant.param_groups import quantizer_param_groups
 from .report import report
 from .prune import (HardMovement, Magnitude, SoftMovement, apply_masks_, prune_, prune_param_groups, pruned_layers,
                     shrink_, sparsity)
+from .pq import QuantNoise, quant_noise_, remove_quant_noise_
 from .distill import distill_loss, hidden_state_loss
 from .search.penalty import MemoryBudget, freeze_bits_, penalty, read_plan, step
 from .search.hawq import HAWQConfig, hawq_plan, hawq_search
@@ -27,7 +30,7 @@ __version__ = "0.1.0"
 __all__ = ["LSQ", "LSQPlus", "Uhlich", "calibrate", "quantize_", "quantized_layers", "share_input_quantizers", "report",
            "adaround_", "bias_correct_", "equalize_", "fold_batchnorm_", "freeze_bn_stats", "reestimate_bn_",
            "prune_", "Magnitude", "HardMovement", "SoftMovement", "prune_param_groups", "pruned_layers", "sparsity",
-           "apply_masks_", "shrink_", "distill_loss", "hidden_state_loss",
+           "apply_masks_", "shrink_", "QuantNoise", "quant_noise_", "remove_quant_noise_", "distill_loss", "hidden_state_loss",
            "penalty", "step", "quantizer_param_groups", "read_plan", "freeze_bits_", "MemoryBudget", "HAWQConfig", "hawq_plan", "hawq_search",
            "hutchinson_traces", "save_packed", "load_packed", "export_onnx", "unfuse_skip_layernorm_file",
            "config_from_dict", "config_to_dict", "load_config", "save_config",

@@ -78,8 +78,17 @@ def transform_input(module: nn.Module, transform: nn.Module) -> torch.Tensor:
 
 def add_weight_transform(module: nn.Module, transform: nn.Module, before=None) -> None:
     """Stack ``transform`` on ``module.weight``: last by default; with ``before`` (a predicate on
-    transforms), just before the first transform it accepts (e.g. a mask before the quantizer)."""
-    parametrize.register_parametrization(module, "weight", transform)
+    transforms), just before the first transform it accepts (e.g. a mask before the quantizer).
+    torch evaluates the chain once while registering: transforms with a ``quiet`` attribute
+    (training-time noise, pq/noise.py) are set quiet (identity, no random draw) meanwhile."""
+    quiet = [t for t in weight_transforms(module) + [transform] if hasattr(t, "quiet")]
+    for t in quiet:
+        t.quiet = True
+    try:
+        parametrize.register_parametrization(module, "weight", transform)
+    finally:
+        for t in quiet:
+            t.quiet = False
     if before is None:
         return
     chain = module.parametrizations.weight

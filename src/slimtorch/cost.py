@@ -36,6 +36,7 @@ FLOAT_BITS = 32
 #   "quantizer": ``bits``, ``num_qparam_values()`` (Quantizer, quant/quantizer.py)
 #   "mask":      ``mask_for(x) -> bool tensor`` of the weight it receives (prune/mask.py)
 #   "fold":      a train-time BatchNorm fold stored inside its layer (quant/bn_qat.py)
+#   "noise":     Quant-Noise (pq/noise.py): training-time only, identity in eval, stores and costs nothing
 # Parameters and buffers of modules with a cost_role are compression state, not model weights.
 
 def cost_role(module) -> str | None:

@@ -3,13 +3,15 @@
 data -> model -> float training (or float checkpoint) -> evaluate -> [fold_batchnorm_] -> [prune_] ->
 quantize_ + calibrate -> fine-tune (QAT; the pruning schedule advances with st.step, soft movement's
 penalty joins the loss) -> [reestimate_bn_] -> evaluate -> report -> packed export -> metrics.json +
-report.md.
+report.md. Quant-Noise (``quant_noise`` section) is attached before its stage's training (the float
+training or the fine-tuning) and removed right after it.
 Each training stage checkpoints atomically in the output folder; ``resume=True`` continues there.
 Every generator is seeded from the recipe before anything is built, so two runs of a recipe give the
 same bytes; model-dependent checks (preflight.py) run before training; stale temporary files of a
 killed run are removed at the start."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import replace
@@ -24,6 +26,7 @@ from .errors import CheckpointError, ConfigError
 from .export import export_onnx, save_packed
 from .models import build_model
 from .preflight import preflight
+from .pq import quant_noise_, remove_quant_noise_
 from .prune import prune_, prune_param_groups, pruned_layers, sparsity
 from .quant import calibrate, fold_batchnorm_, quantize_, reestimate_bn_
 from .recipe import Recipe
@@ -85,6 +88,21 @@ def _all_groups(model, cfg):
     return prune_param_groups(model, lr=cfg.lr, base=groups)
 
 
+@contextlib.contextmanager
+def _noise(model, recipe: Recipe, stage: str, metrics: dict):
+    """Quant-Noise attached for the training of ``stage`` when the recipe puts it there, then removed."""
+    cfg, sel = recipe.quant_noise, recipe.noise_select
+    if cfg is None or sel.get("stage") != stage:
+        yield
+        return
+    quant_noise_(model, cfg, include=sel.get("include"), exclude=sel.get("exclude"))
+    try:
+        yield
+    finally:
+        layers = remove_quant_noise_(model)
+    metrics["quant_noise"] = {"stage": stage, "mode": cfg.mode, "p": cfg.p, "layers": layers}
+
+
 def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool = True) -> dict:
     """Execute ``recipe`` writing into ``out_dir``; returns the metrics (also in metrics.json).
     File paths in the metrics are relative to ``out_dir``; wall times are under ``timing``."""
@@ -113,7 +131,8 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
         _, _, test = loaders(recipe.train)
     else:
         cfg, tr, test = loaders(recipe.train)
-        train(model, tr.batches, cfg, checkpoint_path=out / "float.ckpt", resume=resume)
+        with _noise(model, recipe, "train", metrics):
+            train(model, tr.batches, cfg, checkpoint_path=out / "float.ckpt", resume=resume)
     metrics["fp32_accuracy"] = evaluate(model, test.batches(0))["accuracy"]
     metrics["fp32_size_bytes"] = report(model).totals["fp32_bytes"]
     metrics["timing"]["fp32_seconds"] = round(time.time() - t0, 2)
@@ -137,9 +156,10 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
         metrics["calibrated_accuracy"] = evaluate(model, test.batches(0))["accuracy"]
         if recipe.finetune is not None and cfg.epochs > 0:
             # budget penalties (Uhlich) and per-step value clipping: no-ops for methods without them
-            train(model, tr.batches, cfg, checkpoint_path=out / "finetune.ckpt", resume=resume,
-                  extra_loss=penalty, on_step=lambda m, _s: step(m), param_groups=_all_groups(model, cfg),
-                  extra_state=(freeze_state, load_freeze_state))
+            with _noise(model, recipe, "finetune", metrics):
+                train(model, tr.batches, cfg, checkpoint_path=out / "finetune.ckpt", resume=resume,
+                      extra_loss=penalty, on_step=lambda m, _s: step(m), param_groups=_all_groups(model, cfg),
+                      extra_state=(freeze_state, load_freeze_state))
         if sel.get("reestimate_bn"):   # BN statistics of the quantized model (cumulative average)
             seen = reestimate_bn_(model, tr.batches(0), num_batches=sel["reestimate_bn"])
             metrics["reestimate_bn"] = {"layers": sorted(seen), "batches": max(seen.values(), default=0)}

@@ -3,7 +3,7 @@
 Everything ``run_recipe`` would otherwise find out only after float training: include/exclude globs
 that match no layer, plan entries, a HAWQ budget outside the feasible range of its bit grid, Uhlich
 budgets that no bitwidth can meet (weights and activations), more calibration batches than the data
-has, a missing optional dependency of the ONNX exporter. The compression is tried on a copy of the
+has, a missing optional dependency of the ONNX exporter, Quant-Noise block sizes and globs. The compression is tried on a copy of the
 model with one batch; RNG states are restored afterwards, so a run is the same with or without it."""
 from __future__ import annotations
 
@@ -86,6 +86,23 @@ def check_compression(model: torch.nn.Module, recipe, train_batches) -> None:
             penalty(trial, shapes=trace_layers(trial, x))
     except ConfigError as e:
         raise ConfigError(f"compress: {e}") from None
+    check_quant_noise(trial, recipe, x, "finetune")
+
+
+def check_quant_noise(trial: torch.nn.Module, recipe, x, stage: str) -> None:
+    """Attach the recipe's Quant-Noise to ``trial`` (a copy) when its stage is ``stage`` and run one
+    training-mode forward: block sizes and globs that do not fit the model fail here."""
+    cfg, sel = getattr(recipe, "quant_noise", None), getattr(recipe, "noise_select", {})
+    if cfg is None or sel.get("stage") != stage:
+        return
+    from .pq import quant_noise_
+    try:
+        quant_noise_(trial, cfg, include=sel.get("include"), exclude=sel.get("exclude"))
+        trial.train()
+        with torch.no_grad():
+            trial(x)
+    except (ConfigError, PatternError) as e:
+        raise type(e)(f"quant_noise: {e}") from None
 
 
 def _check_prune_steps(recipe, n_batches) -> None:
@@ -106,6 +123,8 @@ def preflight(model: torch.nn.Module, recipe, train_batches) -> None:
     check_export_dependencies(recipe.export)
     state = (torch.get_rng_state(), random.getstate(), np.random.get_state())
     try:
+        if getattr(recipe, "quant_noise", None) is not None and recipe.noise_select.get("stage") == "train":
+            check_quant_noise(copy.deepcopy(model), recipe, _first_input(train_batches), "train")
         check_compression(model, recipe, train_batches)
     finally:
         torch.set_rng_state(state[0])

@@ -12,6 +12,10 @@ signature. What depends on the model is checked by ``pipeline.preflight`` right 
     prune:    {method: hard_movement, remaining: 0.1, total_steps: 200, warmup_steps: 20,
                structure: unstructured, include: null, exclude: null}    # optional, needs compress:
                # masks first (W' = Q(W * M)), the schedule runs during finetune (st.step each step)
+    quant_noise: {p: 0.1, mode: pq, block_size: null, bits: 8, embeddings: true,   # optional (pq/noise.py):
+               include: null, exclude: null, stage: null}   # Quant-Noise during one training stage:
+               # "train" (the float training) or "finetune" (after compress); null: train when the recipe
+               # trains the float model, else finetune. Attached before that stage, removed after it.
     compress: {method: lsq+, w_bits: 4, a_bits: 4, include: null, exclude: null,
                plan: null, calibrate_batches: 8,     # method uhlich: learned bits + budget penalty
                fold_bn: false, reestimate_bn: null}  # BN folded before quantize_; BN stats re-estimated after
@@ -30,8 +34,8 @@ from .config import config_from_dict, load_yaml
 from .errors import ConfigError
 from .schema import build, check_call, check_mapping
 
-SECTIONS = ("name", "description", "seed", "data", "model", "train", "search", "prune", "compress", "finetune",
-            "export")
+SECTIONS = ("name", "description", "seed", "data", "model", "train", "search", "prune", "quant_noise", "compress",
+            "finetune", "export")
 Globs = Optional[Union[str, tuple[str, ...]]]
 PlanEntry = Union[int, dict[str, Optional[int]]]
 
@@ -97,6 +101,14 @@ class PruneSelect:
 
 
 @dataclass(frozen=True)
+class NoiseSelect:
+    """The quant_noise keys that are not the QuantNoise config: layers and the training stage."""
+    include: Globs = None
+    exclude: Globs = None
+    stage: Optional[Literal["train", "finetune"]] = None
+
+
+@dataclass(frozen=True)
 class ExportSection:
     path: str = "model.slim"
     onnx: Optional[str] = None
@@ -125,6 +137,8 @@ class Recipe:
     search: object | None = None     # a search config (HAWQConfig) producing the plan
     prune: object | None = None      # a pruning config (Magnitude, HardMovement, SoftMovement)
     prune_select: dict = field(default_factory=dict)   # include / exclude of the prune section
+    quant_noise: object | None = None   # a QuantNoise config (pq/noise_configs.py)
+    noise_select: dict = field(default_factory=dict)   # include / exclude / stage (resolved) of quant_noise
 
 
 def _given(section_cls, doc: dict, key: str, where: str) -> dict | None:
@@ -194,8 +208,33 @@ def parse_recipe(doc: dict, name: str = "recipe") -> Recipe:
     export = _given(ExportSection, doc, "export", name) or {}
     if train is None and not model.get("checkpoint"):
         raise ConfigError(f"{name}: give either a 'train' section or model.checkpoint (float weights)")
+    noise, noise_select = _quant_noise_section(doc, name, train if not model.get("checkpoint") else None, finetune)
     return Recipe(doc.get("name") or name, seed, data, model, train, compress, select, finetune, export,
-                  doc, search, prune, prune_select)
+                  doc, search, prune, prune_select, noise, noise_select)
+
+
+def _quant_noise_section(doc: dict, name: str, train, finetune) -> tuple:
+    """(QuantNoise config, {include, exclude, stage}) of the ``quant_noise`` section, or (None, {}).
+    ``method`` may be left out (it can only be quant_noise); ``stage`` is resolved here."""
+    if doc.get("quant_noise") is None:
+        return None, {}
+    where = f"{name}: quant_noise"
+    body = dict(check_mapping(doc["quant_noise"], where))
+    given = {k: body.pop(k) for k in list(body) if k in ("include", "exclude", "stage")}
+    sel = build(NoiseSelect, given, where)
+    if body.setdefault("method", "quant_noise") != "quant_noise":
+        raise ConfigError(f"{where}: method {body['method']!r}; this section takes method quant_noise only")
+    cfg = config_from_dict(body, where=where)
+    stage = sel.stage or ("train" if train is not None else "finetune")
+    if stage == "train" and train is None:
+        raise ConfigError(f"{where}: stage 'train' needs a 'train' section that runs (no model.checkpoint)")
+    if stage == "finetune" and finetune is None:
+        raise ConfigError(f"{where}: stage 'finetune' needs a 'finetune' section (and 'compress')")
+    if stage == "train" and cfg.bits == "layer":
+        raise ConfigError(f"{where}: bits='layer' reads the layers' weight quantizers, which the float "
+                          "training stage does not have; use stage 'finetune' or bits=N")
+    out = {k: getattr(sel, k) for k in given if k != "stage"}
+    return cfg, {**out, "stage": stage}
 
 
 def _prune_section(doc: dict, name: str, compress, finetune) -> tuple:

@@ -97,19 +97,27 @@ def _f32(t: torch.Tensor, what: str) -> torch.Tensor:
     return t.detach().reshape(-1)
 
 
-@torch.no_grad()
 def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
     """Write ``model`` (with quantizers attached by ``quantize_``) as one packed file.
 
     ``build`` (optional, JSON-able) records how to rebuild the float architecture, so that
     ``load_packed(path)`` and the CLI need no factory: {"source": "zoo", "name", "kwargs"} or
     {"source": "hf", "config": {...}} (modelspec.py; ``build="auto"`` detects HF models).
+    Quant-Noise transforms (pq/noise.py) still attached are left out: they are identity in eval
+    and store nothing (the file holds what the model computes in eval mode).
     Returns {"path", "file_bytes", "theoretical_bytes", "fp32_bytes"}."""
+    from ..pq.noise import noise_off
+    with noise_off(model), torch.no_grad():
+        return _save_packed(model, path, build)
+
+
+def _save_packed(model: nn.Module, path, build: dict | None) -> dict:
     if build == "auto":
         from .modelspec import build_spec
         build = build_spec(model)
     table, layers, tensors, pooled, taken = [], [], {}, [], set()
-    sd = model.state_dict()
+    from ..pq.noise import float_noise_keys
+    sd = float_noise_keys(model, model.state_dict(), {n for n, *_ in quantized_layers(model)})
 
     def index_of(q: Quantizer, what: str) -> int:
         fresh = _rebuild({"spec": q.spec()}, what).state_dict()
@@ -144,7 +152,7 @@ def save_packed(model: nn.Module, path, build: dict | None = None) -> dict:
             # a BN fold: the codes are of W_fold; a pruning mask before the quantizer: the codes are
             # of W * M, stored sparse (mask + kept codes) where that is smaller (_sparse)
             others = [type(t).__name__ for i, t in enumerate(chain) if t is not wq
-                      and not isinstance(t, FoldedWeight)
+                      and not isinstance(t, FoldedWeight) and cost_role(t) != "noise"
                       and not (cost_role(t) == "mask" and i < chain.index(wq))]
             if others:
                 raise ConfigError(f"layer {name!r}: weight transforms {others} are not supported by "

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..attach import add_weight_transform, find_layers, raw_param, remove_weight_transform, transform_input
 from ..config import handler_for, register_handler
-from ..cost import is_quantizer, weight_mask
+from ..cost import cost_role, weight_mask
 from ..errors import ConfigError
 from ..search.penalty import register_penalty, register_step
 from .binarize import global_threshold
@@ -68,12 +68,17 @@ def _not_pruned(layers: dict) -> None:
             raise ConfigError(f"layer {name!r} is already pruned")
 
 
+def _after_mask(t) -> bool:
+    """The transforms a mask goes before: quantizers and Quant-Noise (W' = Q(noise(W * M)))."""
+    return cost_role(t) in ("quantizer", "noise")
+
+
 @register_handler(PruneConfig)
 def _apply_masks(model, config: PruneConfig, layers: dict, group: int):
     for name, m in layers.items():
         w = raw_param(m, "weight").detach()
         mask = make_mask(config, w, group, grouping_for(config, name, w))
-        add_weight_transform(m, mask, before=is_quantizer)
+        add_weight_transform(m, mask, before=_after_mask)
 
 
 def _apply_tied(model, config: PruneConfig, sites: list, group: int) -> None:
@@ -90,7 +95,7 @@ def _apply_tied(model, config: PruneConfig, sites: list, group: int) -> None:
                 g.check(w.shape, f"layer {n!r} ({config.structure} of {site.name or 'the model'!r})")
                 mk = make_mask(config, w, group, g, leader)
                 leader = leader or mk
-                add_weight_transform(m, mk, before=is_quantizer)
+                add_weight_transform(m, mk, before=_after_mask)
                 tie.append((m, mk))
         for _, mk in tie:
             mk.members[:] = tie
