@@ -48,7 +48,7 @@ def code_bits(k: int) -> int:
 
 
 def chunk_rows(k: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(k, 1))
+    return max(64, CHUNK_ELEMENTS // max(k, 1))
 
 
 @torch.no_grad()
