@@ -84,3 +84,22 @@ def test_onnx_export_of_a_model_on_device(device, tmp_path):
         got = ort_session(path).run(None, {"x": x.cpu().numpy()})[0]
         assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
     assert next(m.parameters()).device.type == device
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_product_quantization_on_device(device, tmp_path):
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6, 8))
+    m, ref = net().to(device), net()
+    st.pq_(m, st.PQ(n_centroids=4, n_iter=3))
+    st.pq_(ref, st.PQ(n_centroids=4, n_iter=3))
+    for (_, _, a), (_, _, b) in zip(st.pq_layers(m), st.pq_layers(ref)):     # same codes on every device
+        assert torch.equal(a.codes.cpu(), b.codes) and torch.allclose(a.centroids.cpu(), b.centroids, atol=1e-6)
+    x = torch.randn(5, 2, 8, device=device)
+    opt = torch.optim.SGD(st.pq_param_groups(m, lr=0.1), lr=0.1)
+    m(x).pow(2).mean().backward(); opt.step()
+    st.save_packed(m, tmp_path / "m.slim")
+    got = st.load_packed(tmp_path / "m.slim", net())
+    with torch.no_grad():
+        assert torch.allclose(got(x.cpu()), m(x).cpu(), atol=1e-6)

@@ -18,7 +18,14 @@ are configuration the file keeps in its header, not tensors, and are not counted
 non-persistent buffers. Shared tensors count once. FP32 size = 4 bytes x every float parameter
 (quantizer parameters excluded) + the same buffers (a float checkpoint stores them too). The report,
 penalties, searches and the exporter all use these; the per-layer costs (HAWQ's per-layer options,
-Uhlich's Eq. 8a weight size) count quantizable layers only."""
+Uhlich's Eq. 8a weight size) count quantizable layers only.
+
+A product-quantized layer (a weight transform with ``cost_role`` "codebook", pq/codebook.py) stores
+its codes bit-packed at ceil(log2 K) bits (ceil(numel / d * ceil(log2 K) / 8) bytes), its K x d
+centroids as float32 (4 B each) or int8 + one float32 scale, its bias and any quantizer parameters
+as float32 (``codebook_bytes``); fairseq's SizeTracker counts the same (papers.md Sec. 6a).
+
+Activation sizes, MACs, BitOps and the differentiable sizes live in cost_ops.py, re-exported here."""
 from __future__ import annotations
 
 import math
@@ -29,6 +36,7 @@ from torch import nn
 from .attach import QUANTIZABLE, input_quantizer, raw_param, raw_weight, transform_input, weight_transforms
 
 FLOAT_BITS = 32
+STATE_ROLES = ("quantizer", "mask", "codebook")    # their parameters and buffers are compression state
 
 
 # The cost protocol: compression modules declare what they are with a class attribute ``cost_role``,
@@ -37,6 +45,7 @@ FLOAT_BITS = 32
 #   "mask":      ``mask_for(x) -> bool tensor`` of the weight it receives (prune/mask.py)
 #   "fold":      a train-time BatchNorm fold stored inside its layer (quant/bn_qat.py)
 #   "noise":     Quant-Noise (pq/noise.py): training-time only, identity in eval, stores and costs nothing
+#   "codebook":  ``n_centroids``, ``block_size``, ``index_bits``, ``int8_centroids`` (pq/codebook.py)
 # Parameters and buffers of modules with a cost_role are compression state, not model weights.
 
 def cost_role(module) -> str | None:
@@ -55,6 +64,19 @@ def weight_quantizer(module: nn.Module):
 def weight_mask(module: nn.Module):
     """The first weight transform of ``module`` that is a pruning mask, or None."""
     return next((t for t in weight_transforms(module) if cost_role(t) == "mask"), None)
+
+
+def weight_codebook(module: nn.Module):
+    """The weight transform of ``module`` that is a product-quantization codebook, or None."""
+    return next((t for t in weight_transforms(module) if cost_role(t) == "codebook"), None)
+
+
+def codebook_bytes(numel: int, n_centroids: int, block_size: int, int8_centroids: bool = False) -> tuple[int, int]:
+    """(index bytes, centroid bytes) of a weight of ``numel`` elements product-quantized with K
+    centroids of d elements: ceil(numel / d * ceil(log2 K) / 8) and 4 K d (or K d + 4 for int8)."""
+    bits = max(1, math.ceil(math.log2(n_centroids)))
+    cents = n_centroids * block_size
+    return packed_bytes(numel // block_size, bits), (cents + 4 if int8_centroids else 4 * cents)
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -82,6 +104,8 @@ class LayerCost:
     mask_bytes: int = 0              # the mask, as a bitmap or an index list, whichever is smaller
     mask_format: str | None = None   # "bitmap" | "index" | None (no mask)
     sparse_bytes: int = -1           # stored sparse: kept codes + mask + float32 bias/qparams
+    centroids: int = 0               # product quantization: K centroids (0 = not product-quantized)
+    block: int = 0                   # product quantization: d, the sub-vector length
 
     def __post_init__(self):
         if self.kept < 0:
@@ -136,6 +160,11 @@ def layer_cost(name: str, module: nn.Module) -> LayerCost:
     w_bits = wq.bits if wq is not None else FLOAT_BITS
     a_bits = aq.bits if is_quantizer(aq) else None
     qparams = sum(q.num_qparam_values() for q in (wq, aq) if is_quantizer(q))
+    cb = weight_codebook(module)
+    if cb is not None:                # the codebook replaces the weight (and absorbs any mask before it)
+        nbytes = sum(codebook_bytes(w.numel(), cb.n_centroids, cb.block_size, cb.int8_centroids))
+        return LayerCost(name, layer_kind(module), w.numel() + b_numel, w.numel(), b_numel, w_bits, a_bits,
+                         qparams, nbytes + 4 * (b_numel + qparams), centroids=cb.n_centroids, block=cb.block_size)
     nbytes = packed_bytes(w.numel(), w_bits) + 4 * (b_numel + qparams)
     row = LayerCost(name, layer_kind(module), w.numel() + b_numel, w.numel(), b_numel,
                     w_bits, a_bits, qparams, nbytes)
@@ -151,7 +180,7 @@ def layer_cost(name: str, module: nn.Module) -> LayerCost:
 def _is_quantizer_param(name: str, model: nn.Module) -> bool:
     mod_name = name.rsplit(".", 1)[0] if "." in name else ""
     m = model.get_submodule(mod_name) if mod_name else model
-    return cost_role(m) in ("quantizer", "mask")
+    return cost_role(m) in STATE_ROLES
 
 
 def layer_costs(model: nn.Module) -> list[LayerCost]:
@@ -166,7 +195,7 @@ def _qat_folds(model: nn.Module) -> list:
 def state_buffers(model: nn.Module) -> list:
     """[(name, tensor)] of the persistent buffers outside quantizers, each tensor once: what the
     packed file stores besides the layers and parameters (BatchNorm statistics and the like)."""
-    quant = [n for n, m in model.named_modules() if cost_role(m) in ("quantizer", "mask")] + _qat_folds(model)
+    quant = [n for n, m in model.named_modules() if cost_role(m) in STATE_ROLES] + _qat_folds(model)
     out, seen = [], set()
     for mod_name, m in model.named_modules():
         if any(mod_name == q or mod_name.startswith(q + ".") for q in quant):
@@ -220,149 +249,6 @@ def model_costs(model: nn.Module) -> dict:
             "compression": fp32 / total if total else float("inf")}
 
 
-@dataclass
-class LayerShape:
-    """Per-sample sizes seen in one forward pass: input/output elements and multiply-accumulates."""
-    name: str
-    in_numel: int
-    out_numel: int
-    macs: int
-
-
-def trace_layers(model: nn.Module, example_input, names=None) -> dict[str, LayerShape]:
-    """Run ``model(example_input)`` once (no grad) and record, per quantizable layer, the input and
-    output elements per sample and the MACs per sample (Conv: out_numel * fan_in; Linear:
-    out_numel * in_features; Embedding: 0). ``example_input``: a tensor or a tuple of args.
-    The batch dimension is the first dimension of the layer input."""
-    import torch
-
-    out: dict[str, LayerShape] = {}
-    hooks = []
-
-    def make(name):
-        def hook(mod, args, result):
-            x = args[0]
-            b = x.shape[0] if x.dim() > 1 else 1
-            o = result.numel() // max(b, 1)
-            if isinstance(mod, nn.Embedding):
-                macs = 0
-            else:
-                # Linear: in_features; Conv: (in / groups) * kernel = one filter's elements
-                macs = o * raw_weight(mod)[0].numel()
-            prev = out.get(name)
-            out[name] = LayerShape(name, x.numel() // max(b, 1), o, macs + (prev.macs if prev else 0))
-        return hook
-
-    for n, m in model.named_modules():
-        if isinstance(m, QUANTIZABLE) and (names is None or n in names):
-            hooks.append(m.register_forward_hook(make(n)))
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            args = example_input if isinstance(example_input, tuple) else (example_input,)
-            model(*args)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
-    return out
-
-
-def bitops(shapes: dict[str, LayerShape], bits: dict[str, tuple[int, int | None]]) -> int:
-    """Sum over layers of MACs x w_bits x a_bits (float activations count 32 bits)."""
-    return sum(s.macs * bits[n][0] * (bits[n][1] or FLOAT_BITS) for n, s in shapes.items() if n in bits)
-
-
-# ---------------------------------------------------------------------------------------------
-# Activation sizes and differentiable sizes (Uhlich et al. 2020, Eq. 8a-c and Table 2)
-# ---------------------------------------------------------------------------------------------
-# Activation bytes of a layer = elements of its *quantized input* per sample x a_bits / 8 (rounded up
-# to whole bytes). slimtorch quantizes layer inputs, so this counts the feature maps that feed the
-# quantized layers (the paper counts the quantized outputs of its nonlinearities; the same maps for a
-# chain of layers). Layers whose input stays float are not counted (the paper does not count its float
-# input image either). Embeddings have no activation quantizer.
-
-def quantizer_bits_tensor(q, dtype=None):
-    """Bits of quantizer ``q`` as a float tensor: differentiable for learned-bit quantizers (their
-    ``bits_tensor()``), a constant otherwise; 32 for ``None`` (float)."""
-    import torch
-
-    if q is None:
-        return torch.tensor(float(FLOAT_BITS), dtype=dtype or torch.float64)
-    fn = getattr(q, "bits_tensor", None)
-    b = fn() if callable(fn) else torch.tensor(float(q.bits))
-    return b.to(dtype or torch.float64)
-
-
-def _ceil_ste(x):
-    return x.ceil().detach() + (x - x.detach())
-
-
-def layer_weight_bytes_tensor(module: nn.Module, bias_bits: bool = False):
-    """Differentiable bytes of one layer's weights. Default: as the packed file stores it (weights at
-    w_bits, bias and quantizer parameters float32; value = ``layer_cost(...).bytes``). ``bias_bits``:
-    the paper's Table 2, (weights + bias) x b_w / 8, no quantizer parameters."""
-    import torch
-
-    wq, aq = weight_quantizer(module), input_quantizer(module)
-    w = raw_weight(module).numel()
-    bias = getattr(module, "bias", None)
-    nb = bias.numel() if bias is not None and hasattr(bias, "numel") else 0
-    b = quantizer_bits_tensor(wq)
-    if bias_bits:
-        return _ceil_ste((w + nb) * b / 8)
-    qparams = sum(q.num_qparam_values() for q in (wq, aq) if is_quantizer(q))
-    return _ceil_ste(w * b / 8) + torch.tensor(4.0 * (nb + qparams), dtype=b.dtype)
-
-
-def weight_bytes_tensor(model: nn.Module, bias_bits: bool = False):
-    """Sum of :func:`layer_weight_bytes_tensor` over the quantizable layers (the paper's S^w, Eq. 8a;
-    float parameters outside those layers, e.g. norms, are not included)."""
-    return sum(layer_weight_bytes_tensor(m, bias_bits) for m in _quantizable(model))
-
-
-def weight_bytes(model: nn.Module, bias_bits: bool = False) -> int:
-    """Integer value of :func:`weight_bytes_tensor` (= sum of ``layer_cost(..).bytes`` by default)."""
-    import torch
-
-    with torch.no_grad():
-        return int(round(float(weight_bytes_tensor(model, bias_bits))))
-
-
-def _quantizable(model):
-    return [m for m in model.modules() if isinstance(m, QUANTIZABLE)]
-
-
-def activation_layers(model: nn.Module):
-    """(name, module, input_quantizer) of every layer whose input is quantized."""
-    return [(n, m, input_quantizer(m)) for n, m in model.named_modules()
-            if isinstance(m, QUANTIZABLE) and is_quantizer(input_quantizer(m))]
-
-
-def activation_bytes_tensors(model: nn.Module, shapes: dict | None = None) -> dict:
-    """{layer: differentiable bytes per sample of its quantized input} (Table 2's S^x). Elements per
-    sample come from ``shapes`` (``trace_layers``) or, for learned-bit quantizers, from the last
-    forward pass (``sample_numel``)."""
-    from .errors import ConfigError
-    out = {}
-    for name, _, aq in activation_layers(model):
-        numel = shapes[name].in_numel if shapes is not None and name in shapes else \
-            getattr(aq, "sample_numel", None)
-        if numel is None:
-            raise ConfigError(f"activation size of layer {name!r} is unknown: run one forward pass "
-                              "first or pass shapes=trace_layers(model, example_input)")
-        out[name] = _ceil_ste(numel * quantizer_bits_tensor(aq) / 8)
-    return out
-
-
-def activation_costs(model: nn.Module, example_input=None, shapes: dict | None = None) -> dict:
-    """Per-sample activation bytes per layer (ints) with their sum and max (Eq. 8b, 8c), from
-    ``trace_layers(model, example_input)`` or given ``shapes``."""
-    import torch
-
-    if shapes is None and example_input is not None:
-        shapes = trace_layers(model, example_input)
-    with torch.no_grad():
-        per = {n: int(t) for n, t in activation_bytes_tensors(model, shapes).items()}
-    return {"layers": per, "sum": sum(per.values()), "max": max(per.values(), default=0)}
+from .cost_ops import (LayerShape, _ceil_ste, _quantizable, activation_bytes_tensors, activation_costs,  # noqa: E402,F401
+                       activation_layers, bitops, layer_weight_bytes_tensor, quantizer_bits_tensor, trace_layers,
+                       weight_bytes, weight_bytes_tensor)

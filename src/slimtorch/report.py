@@ -1,7 +1,8 @@
 """``report(model)``: per-layer rows (name, kind, params, weight bits, activation bits, bytes) and
 totals (bytes, FP32 bytes, compression ratio), printable as a table or markdown; a "stays float"
 line for every module holding parameters slimtorch cannot quantize (quant/coverage.py). With pruning
-masks: per layer the kept fraction and the sparse size (kept codes + mask, cost.py), and totals."""
+masks: per layer the kept fraction and the sparse size (kept codes + mask, cost.py), and totals.
+A product-quantized layer shows "PQ K/d" as its weight bits (K centroids of d elements)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,6 +35,14 @@ def render_markdown(head, body, foot) -> str:
     return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
 
 
+def _w_bits(r: dict) -> str:
+    """"fp32", the bits, or for a product-quantized layer "PQ K/d" (+ the scalar bits after it)."""
+    bits = "fp32" if r["w_bits"] == 32 else str(r["w_bits"])
+    if not r.get("centroids"):
+        return bits
+    return f"PQ {r['centroids']}/{r['block']}" + ("" if r["w_bits"] == 32 else f" +{bits}")
+
+
 @dataclass
 class Report:
     rows: list = field(default_factory=list)
@@ -50,7 +59,7 @@ class Report:
 
     def _table(self):
         head = ["layer", "kind", "params", "W bits", "A bits", "bytes"]
-        body = [[r["name"], r["kind"], f"{r['params']:,}", "fp32" if r["w_bits"] == 32 else str(r["w_bits"]),
+        body = [[r["name"], r["kind"], f"{r['params']:,}", _w_bits(r),
                  "fp32" if r["a_bits"] is None else str(r["a_bits"]), _fmt_bytes(r["bytes"])]
                 for r in self.rows]
         t = self.totals

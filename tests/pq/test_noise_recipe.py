@@ -71,8 +71,8 @@ def test_run_with_scalar_noise_at_the_layers_bits_in_finetuning(tmp_path):
 
 
 def test_preflight_refuses_a_block_size_before_training(tmp_path):
-    with pytest.raises(ConfigError, match=r"quant_noise: QuantNoise: layer 'fc1' .*block_size=5 \(given\) does "
-                                          r"not divide its 64 .*sizes that divide: 1, 2, 4, 8, 16, 32, 64"):
+    with pytest.raises(ConfigError, match=r"quant_noise: QuantNoise: layer 'fc1' .*block_size 5 does "
+                                          r"not divide its in_features 64; block sizes that would: \[1, 2, 4, 8, 16, 32, 64\]"):
         pipeline.run_recipe(parse_recipe({**DOC, "quant_noise": {"block_size": 5}}), tmp_path, progress=False)
     assert not (tmp_path / "float.ckpt").exists()
 

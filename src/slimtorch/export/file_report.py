@@ -1,5 +1,6 @@
 """What a packed file holds: per layer the bits, the theoretical bytes (cost.py, written at
-save time) and the bytes the file really spends; totals with the header; a PNG bar chart."""
+save time) and the bytes the file really spends; totals with the header; a PNG bar chart.
+A product-quantized layer shows "PQ K/d"; its plotted weight bits are the index bits."""
 from __future__ import annotations
 
 import math
@@ -21,7 +22,8 @@ class FileReport:
 
     def _table(self):
         head = ["layer", "kind", "params", "W bits", "A bits", "theory", "file"]
-        body = [[r["name"], r["kind"], f"{r['params']:,}", "fp32" if r["w_bits"] == 32 else str(r["w_bits"]),
+        body = [[r["name"], r["kind"], f"{r['params']:,}", f"PQ {r['centroids']}/{r['block']}" if r.get("centroids")
+                 else "fp32" if r["w_bits"] == 32 else str(r["w_bits"]),
                  "fp32" if r["a_bits"] is None else str(r["a_bits"]), _fmt_bytes(r["theory_bytes"]),
                  _fmt_bytes(r["file_bytes"])] for r in self.rows]
         t = self.totals
@@ -78,7 +80,7 @@ def file_report(path) -> FileReport:
     nbytes = {k: e["data_offsets"][1] - e["data_offsets"][0] for k, e in index.items()}
     own = {}                                   # bytes per owning layer name (None = other state)
     for e in meta["layers"]:                   # params: the layer's slice of the pooled tensor (v2)
-        keys = [f"{e['name']}.{t}" for t in ("w_codes", "weight", "params", "mask", "mask_index")]
+        keys = [f"{e['name']}.{t}" for t in ("w_codes", "weight", "params", "mask", "mask_index", "codebook")]
         own[e["name"]] = sum(tensors[k].numel() * tensors[k].element_size() for k in keys if k in tensors)
     costs = cost_rows(meta)
     float_layers = {r[0] for r in costs if r[0] not in own}
@@ -91,8 +93,9 @@ def file_report(path) -> FileReport:
                 own[layer] = own.get(layer, 0) + b
             else:
                 other += b
+    pq = {e["name"]: {"centroids": e["centroids"], "block": e["block"]} for e in meta["layers"] if e["kind"] == "codebook"}
     rows = [{"name": n, "kind": kind, "params": params, "w_bits": w_bits, "a_bits": a_bits,
-             "theory_bytes": theory, "file_bytes": own.get(n, 0)}
+             "theory_bytes": theory, "file_bytes": own.get(n, 0), **pq.get(n, {})}
             for n, kind, params, w_bits, a_bits, theory in costs]
     data = sum(nbytes.values())
     theory = meta["theory"]["bytes"]

@@ -20,9 +20,9 @@ base64-encoded by container.py):
                        indices, increasing, little-endian at cost.index_bytes(n) bytes each),
                        whichever cost.mask_bytes picks, and <name>.w_codes = the kept weights' codes
                        only (flat order) packed at ``bits``; a pruned weight's code is the encoded 0
-              reserved, refused by this version with a clear error (a later issue fills it):
-              "codebook": <name>.codebook [k, d] F32 + <name>.w_codes = indices packed at
-                          ceil(log2 k) bits.
+              "codebook": product quantization (packed_pq.py): <name>.codebook [K, d] F32 (or I8,
+                          ``int8``: its scale first in params after the bias) + <name>.w_codes =
+                          the codes packed at ``bits`` = ceil(log2 K); ``centroids`` K, ``block`` d
     params      (tensor, F32) per layer in ``layers`` order: its bias, then the weight quantizer's
                 float state, then the input quantizer's, each in state_dict order with the shapes
                 the rebuilt quantizers have (so the per-layer lengths follow from the header)
@@ -54,10 +54,11 @@ from ..quant.bias import Int32Bias, attach_int32_bias
 from ..quant.bn_fold import folded_pairs
 from ..quant.bn_qat import BatchNormFold, FoldedWeight
 from ..quant.quantizer import Quantizer, build_quantizer
-from ..cost import cost_role, layer_cost, layer_kind, model_costs, stored_bytes, stores_sparse, weight_mask
+from ..cost import cost_role, layer_cost, layer_kind, model_costs, stored_bytes, stores_sparse, weight_codebook, weight_mask
 from .bitpack import pack_tensor, unpack_tensor
 from .container import DTYPES, read_container, write_container
 from .packed_masks import sparse_entry as _sparse, sparse_codes as _unsparse
+from .packed_pq import attach_codebook, codebook_entry, decode_codebook, stored_layers
 from .packed_schema import check_meta
 
 FORMAT, VERSION = "slimtorch.packed", 2
@@ -139,15 +140,17 @@ def _save_packed(model: nn.Module, path, build: dict | None) -> dict:
     first_user: dict[int, str] = {}     # input quantizer object -> first layer using it
     quantized_names = {n for n, *_ in quantized_layers(model)}
     for name, m in model.named_modules():
-        if name not in quantized_names and weight_mask(m) is not None:
+        if name not in quantized_names and weight_mask(m) is not None and weight_codebook(m) is None:
             raise ConfigError(f"layer {name!r} has a pruning mask but no quantizer: the packed format "
                               "stores masks with quantized codes only; quantize the layer or "
                               "materialise the mask first with slimtorch.apply_masks_(model)")
-    for name, m, wq, aq in quantized_layers(model):
+    for name, m, wq, aq in stored_layers(model):
         w, bias = m.weight, getattr(m, "bias", None)
         entry = {"name": name, "module": layer_kind(m), "shape": list(w.shape)}
         params = [] if bias is None else [_f32(bias, f"{name}.bias")]
-        if wq is not None:
+        if weight_codebook(m) is not None:      # product quantization: codes + centroids (packed_pq.py)
+            params += codebook_entry(name, m, wq, entry, tensors)
+        elif wq is not None:
             chain = weight_transforms(m)
             # a BN fold: the codes are of W_fold; a pruning mask before the quantizer: the codes are
             # of W * M, stored sparse (mask + kept codes) where that is smaller (_sparse)
@@ -258,9 +261,11 @@ def _decode_layer(e, m, table, tensors, path):
     """(weight, bias, weight quantizer, input quantizer, codes) of one layer entry, validated."""
     name = e["name"]
     wq, aq = (None if e.get(k) is None else _rebuild(table[e[k]], f"{path}: quantizers[{e[k]}]") for k in ("wq", "aq"))
-    shapes = ([(e["bias"],)] if e.get("bias") else []) + [s for q in (wq, aq) if q for _, s in _float_keys(q)]
+    shapes = ([(e["bias"],)] if e.get("bias") else []) + ([(1,)] if e.get("int8") else []) \
+        + [s for q in (wq, aq) if q for _, s in _float_keys(q)]
     parts = _split(tensors[f"{name}.params"].reshape(-1), shapes, f"{name}.params", path) if shapes else []
     bias = parts.pop(0) if e.get("bias") else None
+    pq = decode_codebook(e, tensors, parts, path) if e["kind"] == "codebook" else None
     for q in (wq, aq):
         if q is not None:
             sd = q.state_dict()
@@ -273,6 +278,8 @@ def _decode_layer(e, m, table, tensors, path):
         codes = unpack_tensor(tensors[f"{name}.w_codes"], e["bits"], e["shape"]) if e["kind"] == "codes" \
             else _unsparse(e, wq, tensors, path)
         w = wq.decode(codes).to(m.weight.dtype)
+    elif pq is not None:
+        w, codes = pq[0].to(m.weight.dtype), pq[1:]     # codes: (centroids, codes) for attach_codebook
     else:
         w = tensors[f"{name}.weight"]
     return w, bias, wq, aq, codes
@@ -312,7 +319,7 @@ def load_packed(path, model_or_factory=None, runtime: str = "float") -> nn.Modul
         model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model factory returned {type(model).__name__}, expected an nn.Module")
-    if any(True for _ in quantized_layers(model)):
+    if any(True for _ in stored_layers(model)):
         raise ConfigError("load_packed needs a float model (no quantizers attached): build a fresh one")
     if meta.get("split_mha"):       # MultiheadAttention projections as Linears, as when saved
         from ..quant.mha import split_all_
@@ -377,6 +384,8 @@ def load_packed(path, model_or_factory=None, runtime: str = "float") -> nn.Modul
             set_input_quantizer(m, aq)
         if runtime == "fakequant" and wq is not None:
             add_weight_transform(m, wq.to(m.weight.device))
+        if runtime == "fakequant" and isinstance(codes, tuple):
+            attach_codebook(m, next(e for e in meta["layers"] if e["name"] == name), *codes)
         if runtime == "fakequant" and int32_bias.get(name):
             attach_int32_bias(m)
     if runtime == "int8":

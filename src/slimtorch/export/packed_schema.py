@@ -16,9 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import CheckpointError
 from .bitpack import packed_size
 from .container import ITEMSIZE
+from . import packed_pq as pq
 
 BIG = 1 << 62                  # no count, dimension or byte total of a real file comes near it
-KINDS = ("codes", "float", "masked")
+KINDS = ("codes", "float", "masked", "codebook")
 Count = Annotated[int, Field(ge=0, le=BIG)]
 Shape = Annotated[list[Count], Field(max_length=16)]
 Bytes = Count
@@ -90,6 +91,9 @@ class Layer(_Strict):
     aq_shared: Optional[Text] = None
     kept: Optional[Count] = None                              # kind "masked": weights kept
     mask: Optional[Literal["bitmap", "index"]] = None         # kind "masked": how the mask is stored
+    centroids: Optional[Count] = None                         # kind "codebook": K (packed_pq.py)
+    block: Optional[Count] = None                             # kind "codebook": d
+    int8: bool = False                                        # kind "codebook": int8 centroids + scale
 
 
 class ZooBuild(_Strict):
@@ -183,7 +187,8 @@ class _Checks:
             self.fail(f"quantizers[{e.aq}].buffers", "input quantizer is not initialised (no _initialized)")
         if e.aq_shared is not None and (e.aq_shared not in seen or seen[e.aq_shared].aq != e.aq or e.aq is None):
             self.fail(f"{f}.aq_shared", f"{e.aq_shared!r} is not an earlier layer with the same input quantizer")
-        n = math.prod(e.shape)
+        n, extra = math.prod(e.shape), 0
+        pq.check_fields(self, i, e)
         if (e.kind == "masked") != (e.kept is not None) or (e.kind == "masked") != (e.mask is not None):
             self.fail(f"{f}.kind", f"layer {e.name!r}: 'kept' and 'mask' go with kind 'masked' only, and it needs both")
         if e.kind == "masked":
@@ -201,6 +206,8 @@ class _Checks:
             if got != need:
                 self.fail(f"{f}.mask", f"tensor {key} holds {got} bytes; the {e.mask} of {e.kept} of {n} "
                                        f"weights needs {need}")
+        elif e.kind == pq.KIND:
+            extra = pq.check_entry(self, i, e)
         elif e.kind == "codes":
             if wq is None or e.bits > 8:
                 self.fail(f"{f}.wq" if wq is None else f"{f}.bits",
@@ -222,7 +229,7 @@ class _Checks:
             self.fail(f"quantizers[{e.aq}].spec.scale_shape", "an input quantizer has one step (per tensor), "
                                                               f"got {aq.spec.scale_shape}")
         seen[e.name] = e
-        return e.bias + sum(q.spec.float_numel() for q in (wq, aq) if q is not None)
+        return e.bias + extra + sum(q.spec.float_numel() for q in (wq, aq) if q is not None)
 
     @staticmethod
     def mask_size(e: Layer) -> int:
@@ -301,6 +308,8 @@ class _Checks:
         n = math.prod(e.shape)
         exact = all(isinstance(q, LSQSpec) for q in qs)
         codes = packed_size(n, e.bits) if e.kind != "masked" else packed_size(e.kept, e.bits) + self.mask_size(e)
+        if e.kind == pq.KIND:
+            codes = pq.entry_bytes(e)
         return n + e.bias, codes + 4 * (e.bias + sum(q.float_numel() for q in qs)) if exact else None
 
     def run(self) -> list:

@@ -44,7 +44,6 @@ Decisions where we differ from fairseq, on purpose:
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import nn
@@ -52,51 +51,26 @@ from torch import nn
 from ..attach import (QUANTIZABLE, add_weight_transform, find_layers, raw_weight, remove_weight_transform,
                       weight_transforms)
 from ..config import handler_for, register_handler
-from ..cost import cost_role, is_quantizer, layer_kind, weight_quantizer
+from ..cost import cost_role, is_quantizer, weight_quantizer
 from ..errors import ConfigError, PatternError
 from ..quant.fake_quant import fake_quant
+from .blocks import check_block_size, default_block_size
 from .noise_configs import QuantNoise
 
 NOISY = QUANTIZABLE                                     # Conv1d, Conv2d, Linear, Embedding
-DEFAULT_BLOCK = {"Linear": 8, "Embedding": 8, "Conv1x1": 4}
 EPS = 1e-12
 
 
-# -- block geometry (fairseq quant_noise.py) --------------------------------------------------
-
-def _kind(module: nn.Module) -> str:
-    if isinstance(module, nn.Embedding):
-        return "Embedding"
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return "Conv1x1" if math.prod(module.kernel_size) == 1 else "Conv"
-    return "Linear"
-
-
-def _row(module: nn.Module) -> tuple[int, str]:
-    """(elements per output row of the weight, what they are) — blocks run along this row."""
-    w = raw_weight(module)
-    n = math.prod(w.shape[1:])
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        k = "x".join(map(str, module.kernel_size))
-        return n, f"in_channels/groups {w.shape[1]} x kernel {k}"
-    return n, "embedding_dim" if isinstance(module, nn.Embedding) else "in_features"
-
-
 def block_size_for(name: str, module: nn.Module, block_size: int | None = None) -> int:
-    """The block of layer ``name``: ``block_size``, or fairseq's default for its type (Linear /
-    Embedding 8, Conv 1x1 4, Conv kxk the whole kh*kw kernel). ConfigError, naming the layer and
-    the sizes that would divide, when it does not divide the row (``_row``)."""
-    kind = _kind(module)
-    default = block_size is None
-    bs = (math.prod(module.kernel_size) if kind == "Conv" else DEFAULT_BLOCK[kind]) if default else block_size
-    n, what = _row(module)
-    if n % bs:
-        ok = [d for d in range(1, n + 1) if n % d == 0]
-        src = f"the default for {kind.replace('Conv1x1', 'Conv 1x1')}" if default else "given"
-        raise ConfigError(f"QuantNoise: layer {name!r} ({layer_kind(module)}, weight "
-                          f"{'x'.join(map(str, raw_weight(module).shape))}): block_size={bs} ({src}) does not "
-                          f"divide its {n} input elements per output ({what}); sizes that divide: "
-                          f"{', '.join(map(str, ok))}")
+    """The block of layer ``name``: ``block_size``, or fairseq's default for its type (blocks.py:
+    Linear / Embedding 8, Conv 1x1 4, Conv kxk the whole kh*kw kernel): the same geometry as the
+    codebooks, so the noise drops the blocks product quantization will share. ConfigError, naming
+    the layer and the sizes that would divide, when it does not divide the row."""
+    bs = default_block_size(module) if block_size is None else block_size
+    try:
+        check_block_size(name, module, raw_weight(module), bs)
+    except ConfigError as e:
+        raise ConfigError(f"QuantNoise: {e}") from None
     return bs
 
 
@@ -257,4 +231,4 @@ def float_noise_keys(model: nn.Module, state: dict, quantized: set) -> dict:
 
 __all__ = ["QuantNoise", "QuantNoiseTransform", "quant_noise_", "remove_quant_noise_", "noisy_layers",
            "noise_transform", "block_size_for", "pq_noise", "scalar_noise", "minmax_grid", "noise_off",
-           "is_noise", "NOISY", "DEFAULT_BLOCK"]
+           "is_noise", "NOISY"]
