@@ -36,6 +36,8 @@ base64-encoded by container.py):
                 and bias (quant/bn_fold.py); ``load_packed`` makes each bn an identity, each layer biased
     split_mha   (optional) names of the nn.MultiheadAttention modules whose projections were split
                 into q/k/v_proj Linears (quant/mha.py); ``load_packed`` splits them in the fresh model
+    shrunk      (optional) [owner, "heads"|"neurons", n, kept groups] of each block ``shrink_``
+                shrank (prune/shrink.py); ``load_packed`` shrinks the fresh model the same way
     crc32       per-tensor CRC32s (container.py; the SHA-256 digests sit next to this text)
 
 Version 1 (read, not written) stored the text as plain JSON, one <name>.params tensor per layer
@@ -60,6 +62,7 @@ from .container import DTYPES, read_container, write_container
 from .packed_masks import sparse_entry as _sparse, sparse_codes as _unsparse
 from .packed_pq import attach_codebook, codebook_entry, decode_codebook, stored_layers
 from .packed_schema import check_meta
+from .packed_structure import restore_structure_, structure_meta
 
 FORMAT, VERSION = "slimtorch.packed", 2
 READ_VERSIONS = (1, 2)
@@ -204,11 +207,8 @@ def _save_packed(model: nn.Module, path, build: dict | None) -> dict:
         tensors[f"state.{code}"] = torch.cat([sd[k].detach().reshape(-1) for k, _ in keys])
     costs = model_costs(model)
     names = {e["name"] for e in layers}
-    from ..quant.mha import is_split
-    split = [n for n, m in model.named_modules() if is_split(m)]
     meta = {"format": FORMAT, "version": VERSION, "model": type(model).__name__,
-            **({"build": build} if build else {}), **({"split_mha": split} if split else {}),
-            **({"folded_bn": [list(p) for p in folds]} if folds else {}),
+            **({"build": build} if build else {}), **structure_meta(model, folds),
             "quantizers": table, "layers": layers, "state": state,
             "costs": [[r.name, stored_bytes(r), r.a_bits] if r.name in names else [r.name, r.bytes, r.kind, r.params]
                       for r in costs["layers"]],
@@ -321,18 +321,7 @@ def load_packed(path, model_or_factory=None, runtime: str = "float") -> nn.Modul
         raise ConfigError(f"model factory returned {type(model).__name__}, expected an nn.Module")
     if any(True for _ in stored_layers(model)):
         raise ConfigError("load_packed needs a float model (no quantizers attached): build a fresh one")
-    if meta.get("split_mha"):       # MultiheadAttention projections as Linears, as when saved
-        from ..quant.mha import split_all_
-        found = split_all_(model, set(meta["split_mha"]))
-        if sorted(found) != sorted(meta["split_mha"]):
-            raise CheckpointError(f"{path}: the file has MultiheadAttention modules "
-                                  f"{sorted(set(meta['split_mha']) - set(found))} the model lacks")
-    if meta.get("folded_bn"):       # BatchNorm folded into layers: identities, layers with a bias
-        from ..quant.bn_fold import apply_fold_structure_
-        try:
-            apply_fold_structure_(model, meta["folded_bn"])
-        except (AttributeError, ConfigError) as e:
-            raise CheckpointError(f"{path}: folded_bn: {e}") from None
+    restore_structure_(model, meta, path)
     sd, plan = model.state_dict(), []
     int32_bias = {e["name"]: bool(e.get("int32_bias")) for e in meta["layers"]}
     shared_aq = {e["name"]: e["aq_shared"] for e in meta["layers"] if e.get("aq_shared")}

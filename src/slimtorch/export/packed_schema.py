@@ -129,6 +129,9 @@ class Meta(_Strict):
     crc32: Annotated[str, Field(pattern="^[0-9a-f]*$")]
     split_mha: Optional[Annotated[list[Text], Field(max_length=100_000)]] = None   # MHA split into Linears
     folded_bn: Optional[Annotated[list[tuple[Text, Text]], Field(max_length=100_000)]] = None   # BN folds
+    shrunk: Optional[Annotated[list[tuple[Text, Literal["heads", "neurons"], Count,
+                                          Annotated[list[Count], Field(max_length=1_000_000)]]],
+                               Field(max_length=100_000)]] = None   # shrink_ records
 
 
 _NOISE = {"int", "float", "str", "bool", "none", *SPEC_TYPES, "zoo", "hf"}

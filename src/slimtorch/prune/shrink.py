@@ -89,22 +89,65 @@ def shrink_(model: nn.Module) -> dict:
             remove_weight_transform(m, weight_mask(m))
     out = {}
     for site, mods, keep in plan:
-        idx = _units(keep, site.size).to(raw_weight(mods[0]).device)
-        for n, m in zip(site.layers, mods):
-            _slice_linear(m, 0 if n in site.rows else 1, idx)
-        kept = int(keep.sum())
-        if site.style == "mha":
-            a = site.owner
-            a.num_heads = kept
-            for b in ("bias_k", "bias_v"):
-                t = getattr(a, b)
-                if t is not None:
-                    setattr(a, b, nn.Parameter(t.detach()[..., idx].clone(), requires_grad=t.requires_grad))
-        elif site.kind == "heads":
-            s = site.owner.self
-            s.num_attention_heads, s.all_head_size = kept, kept * site.size
-        out[site.name] = {"kind": site.kind, "before": site.n, "after": kept}
+        _apply(site, mods, keep)
+        out[site.name] = {"kind": site.kind, "before": site.n, "after": int(keep.sum())}
     return out
 
 
-__all__ = ["shrink_"]
+def _apply(site, mods: list, keep: torch.Tensor) -> None:
+    """Keep the groups ``keep`` (bool, one per head / neuron) of ``site``: slice its Linears, set the
+    head count, and remember the kept groups (in the original numbering) on the owner module, for
+    ``shrink_record`` / the packed file."""
+    idx = _units(keep, site.size).to(raw_weight(mods[0]).device)
+    for n, m in zip(site.layers, mods):
+        _slice_linear(m, 0 if n in site.rows else 1, idx)
+    kept = int(keep.sum())
+    if site.style == "mha":
+        a = site.owner
+        a.num_heads = kept
+        for b in ("bias_k", "bias_v"):
+            t = getattr(a, b)
+            if t is not None:
+                setattr(a, b, nn.Parameter(t.detach()[..., idx].clone(), requires_grad=t.requires_grad))
+    elif site.kind == "heads":
+        s = site.owner.self
+        s.num_attention_heads, s.all_head_size = kept, kept * site.size
+    records = site.owner.__dict__.setdefault("_slim_shrunk", {})
+    before = records.get(site.kind)                 # shrunk before: compose with its kept groups
+    groups = keep.nonzero().reshape(-1).tolist()
+    records[site.kind] = {"n": before["n"] if before else site.n,
+                          "keep": [before["keep"][g] for g in groups] if before else groups}
+
+
+def shrink_record(model: nn.Module) -> list:
+    """[[owner, kind, n, kept groups], ...]: what ``shrink_`` removed from ``model`` (names relative
+    to ``model``; groups numbered as in the unshrunk model of ``n`` groups). Stored in the packed file."""
+    return [[name, kind, r["n"], list(r["keep"])] for name, m in model.named_modules()
+            for kind, r in sorted(m.__dict__.get("_slim_shrunk", {}).items())]
+
+
+@torch.no_grad()
+def shrink_to_(model: nn.Module, record: list) -> None:
+    """Shrink a freshly built (unshrunk) ``model`` as ``record`` (``shrink_record``) says, so a packed
+    file of a shrunk model loads into the architecture's factory. Sites already at the recorded size
+    with the same record are left alone; anything else that does not fit raises ConfigError."""
+    from ..quant.mha import split_all_
+    split_all_(model, {owner for owner, kind, *_ in record if kind == "heads"})   # MHA heads: q/k/v Linears
+    sites = {(s.name, s.kind): s for s in head_sites(model) + neuron_sites(model)}
+    for owner, kind, n, keep in record:
+        site = sites.get((owner, kind))
+        if site is None:
+            raise ConfigError(f"shrunk {kind} of {owner!r}: the model has no such attention / FFN block")
+        done = site.owner.__dict__.get("_slim_shrunk", {}).get(kind)
+        if done == {"n": n, "keep": list(keep)}:
+            continue
+        if site.n != n or done is not None:
+            raise ConfigError(f"shrunk {kind} of {owner!r}: recorded from {n} groups, the model has {site.n}")
+        if not keep or len(set(keep)) != len(keep) or not all(0 <= g < n for g in keep):
+            raise ConfigError(f"shrunk {kind} of {owner!r}: kept groups {keep[:8]} are not distinct indices < {n}")
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[torch.tensor(sorted(keep))] = True
+        _apply(site, [model.get_submodule(x) for x in site.layers], mask)
+
+
+__all__ = ["shrink_", "shrink_record", "shrink_to_"]
