@@ -13,7 +13,7 @@ from slimtorch.attach import raw_weight
 from slimtorch.checkpoint import load_checkpoint, save_checkpoint
 from slimtorch.cost import model_costs
 from slimtorch.pq import ExactPQNoise, noise_transform, refresh_quant_noise_, to_blocks
-from slimtorch.pq.kmeans import kmeans
+from slimtorch.pq.kmeans import assign, kmeans
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,10 +32,10 @@ def _noisy(kind="linear", **cfg):
 
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_p1_forward_is_the_pq_rebuilt_weight_and_stored_weight_unchanged(kind):
-    net = _noisy(kind, p=1.0, n_iter=7)
+    net = _noisy(kind, p=1.0, n_iter=100)                               # converged: codes = nearest centroids
     ref = copy.deepcopy(net)
     st.remove_quant_noise_(ref)
-    st.pq_(ref, st.PQ(n_centroids=4, n_iter=7), freeze=False)
+    st.pq_(ref, st.PQ(n_centroids=4, n_iter=100), freeze=False)
     before = raw_weight(net[0]).detach().clone()
     assert torch.equal(net[0].weight, ref[0].weight)                    # W_used = C[codes], bit-exact
     x = LAYERS[kind][1]()
@@ -51,7 +51,7 @@ def test_selected_blocks_take_their_centroid_straight_through():
     net = st.quant_noise_(nn.Sequential(nn.Linear(64, 32)),
                           st.QuantNoise(mode="pq_exact", p=0.3, n_centroids=8, block_size=4))
     t, W = noise_transform(net[0]), raw_weight(net[0]).detach()
-    Q = t.centroids[t.codes.long()].reshape(W.shape)
+    Q = t.centroids[assign(to_blocks(W, 4), t.centroids)].reshape(W.shape)     # the nearest centroids
     W_used = net[0].weight
     b, bw, bq = (v.detach().reshape(32, 16, 4) for v in (W_used, W, Q))
     took = (b == bq).all(-1) & (bw != bq).any(-1)
@@ -82,7 +82,7 @@ def test_codebook_refits_every_update_every_steps():
     prev = t.centroids.clone()
     assert refresh_quant_noise_(net) == 1                                # k-means on the current W, warm start
     want = kmeans(to_blocks(raw_weight(net[0]).detach(), 8), 4, 20, init=prev)
-    assert torch.equal(t.centroids, want.centroids) and torch.equal(t.codes, want.codes)
+    assert torch.equal(t.centroids, want.centroids)
 
 
 def test_checkpoint_holds_the_codebook_and_costs_ignore_it(tmp_path):
@@ -125,5 +125,5 @@ def test_stacks_after_a_mask():
     assert list(net[0].parametrizations.weight)[1] is t
     M = net[0].parametrizations.weight[0].mask_for(raw_weight(net[0]))
     want = kmeans(to_blocks(raw_weight(net[0]).detach() * M, 8), 4, 20, seed=0)
-    assert torch.equal(t.centroids, want.centroids) and torch.equal(t.codes, want.codes)
+    assert torch.equal(t.centroids, want.centroids)
     net(torch.randn(2, 32)).sum().backward()

@@ -3,26 +3,31 @@ Sec. 6a: fairseq's README says dropping blocks "worked as well as assigning thos
 current centroid"; this is the assignment, and at p = 1 the paper's "iPQ + QAT" baseline).
 
 Each output row of the weight is cut into blocks of d elements, exactly as product quantization
-cuts it (blocks.py; the codebooks of ``pq_`` share the geometry): block b_i with current centroid
-c_{a_i}, one M_i ~ Bernoulli(p) per block, and
+cuts it (blocks.py; the codebooks of ``pq_`` share the geometry): block b_i, its current centroid
+c(b_i) = argmin_k ||b_i - c_k||^2 (the k-means E-step, kmeans.assign, at every training forward,
+without gradient), one M_i ~ Bernoulli(p) per block, and
 
-    W_used,i = c_{a_i}  if M_i = 1,   b_i  otherwise;        dL/dW = dL/dW_used   (straight-through)
+    W_used,i = c(b_i)  if M_i = 1,   b_i  otherwise;        dL/dW = dL/dW_used   (straight-through)
 
-computed as where(M, C[a] + (W - W.detach()), W), so the selected blocks hold exactly C[a] (no 1/(1-p)
-rescaling: a block is replaced, not removed). At p = 1 every block is replaced: the forward sees
-the PQ-rebuilt weight W' = C[codes] (what ``pq_`` would give now) and the gradient trains the float W.
+computed as where(M, C[a] + (W - W.detach()), W), so the selected blocks hold exactly their centroid
+(no 1/(1-p) rescaling: a block is replaced, not removed). At p = 1 every block is replaced: the
+forward sees the PQ weight C[codes] of the current codebook (right after a converged fit, exactly
+what ``pq_`` gives) and the gradient trains the float W, whose blocks move between centroids as in
+scalar QAT on a fixed grid.
 
-The codebook (C, a) gets no gradient: it is k-means (kmeans.py) on the transform's input (the stored
-weight through the transforms before it, e.g. W * M under a pruning mask), fitted when the noise is
+The centroids C get no gradient: k-means (kmeans.py) on the transform's input (the stored weight
+through the transforms before it, e.g. W * M under a pruning mask), fitted when the noise is
 attached (``n_iter`` iterations, seed 0, as ``pq_`` with its defaults) and refitted every
 ``update_every`` optimizer steps by ``st.step(model)`` (``register_step``, search/penalty.py),
 warm-started from the current centroids (K stays; fewer than asked when the layer has fewer blocks,
-with k-means's warning at the first fit only). C, a and the step count are buffers, so checkpoints
+with k-means's warning at the first fit only). C and the step count are buffers, so checkpoints
 hold them and a resumed run refreshes on the same schedule; they are state of a training-time
 transform and cost nothing (cost.py STATE_ROLES). Identity in eval, like the other modes.
 
 Decisions: the stored weight is never written (as for every mode); the draw M uses torch's global
-generator (deterministic under ``torch.manual_seed``; at p = 1 nothing is drawn)."""
+generator (deterministic under ``torch.manual_seed``; at p = 1 nothing is drawn); the assignment is
+recomputed at every forward rather than frozen at the refit (frozen codes would make the forward
+blind to W between refits: W would get gradients that change nothing until the next k-means)."""
 from __future__ import annotations
 
 import torch
@@ -31,15 +36,17 @@ from torch import nn
 from ..attach import transform_input
 from ..search.penalty import register_step
 from .blocks import to_blocks
-from .kmeans import code_dtype, kmeans
+from .kmeans import assign, kmeans
 from .noise import QuantNoiseTransform
 
 
-def centroid_noise(x: torch.Tensor, p: float, centroids: torch.Tensor, codes: torch.Tensor,
-                   block_size: int) -> torch.Tensor:
-    """where(M, C[codes] + (x - x.detach()), x) with M ~ Bernoulli(p) per block of ``block_size``
-    contiguous elements of each output row (x viewed as (out, -1, block_size)); p = 1: all blocks."""
-    q = centroids.to(x.dtype).index_select(0, codes.long()).reshape(x.shape)
+def centroid_noise(x: torch.Tensor, p: float, centroids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """where(M, C[a] + (x - x.detach()), x): a = the nearest centroid of every block of
+    ``block_size`` contiguous elements of each output row (x viewed as (out, -1, block_size)),
+    M ~ Bernoulli(p) per block; p = 1: all blocks."""
+    with torch.no_grad():
+        codes = assign(to_blocks(x.detach(), block_size).float(), centroids.float())
+    q = centroids.to(x.dtype).index_select(0, codes).reshape(x.shape)
     ste = q + (x - x.detach())                 # exact C[a] values, gradient 1 to x
     if p >= 1:
         return ste
@@ -51,12 +58,11 @@ def centroid_noise(x: torch.Tensor, p: float, centroids: torch.Tensor, codes: to
 
 class ExactPQNoise(QuantNoiseTransform):
     """Quant-Noise mode "pq_exact" of one layer (module docstring). Buffers: ``centroids`` (K, d),
-    ``codes`` (one per block), ``steps`` (optimizer steps seen by ``st.step``), ``refreshes``."""
+    ``steps`` (optimizer steps seen by ``st.step``), ``refreshes`` (refits after the first fit)."""
 
     def __init__(self, config, block_size: int, layer: str = "", owner: nn.Module | None = None):
         super().__init__(config, block_size, layer, owner)
         self.register_buffer("centroids", torch.zeros(0, block_size))
-        self.register_buffer("codes", torch.zeros(0, dtype=torch.uint8))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.register_buffer("refreshes", torch.zeros((), dtype=torch.int64))
 
@@ -70,7 +76,6 @@ class ExactPQNoise(QuantNoiseTransform):
         res = kmeans(x, self.centroids.shape[0] if warm else cfg.exact("n_centroids"), cfg.exact("n_iter"),
                      seed=0, what=f"QuantNoise layer {self.layer!r}", init=self.centroids if warm else None)
         self.centroids = res.centroids.to(w.dtype)
-        self.codes = res.codes.to(code_dtype(res.n_centroids))
         self.refreshes += int(warm)
         return res.objective[-1]
 
@@ -86,10 +91,10 @@ class ExactPQNoise(QuantNoiseTransform):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.quiet:
             return x
-        if self.codes.numel() * self.block_size != x.numel():
-            raise RuntimeError(f"QuantNoise layer {self.layer!r}: the pq_exact codebook is not fitted to a "
-                               f"weight of shape {list(x.shape)} (attach with st.quant_noise_)")
-        return centroid_noise(x, self.config.p, self.centroids, self.codes, self.block_size)
+        if self.centroids.shape[0] == 0:
+            raise RuntimeError(f"QuantNoise layer {self.layer!r}: the pq_exact codebook is not fitted "
+                               "(attach with st.quant_noise_)")
+        return centroid_noise(x, self.config.p, self.centroids, self.block_size)
 
     def extra_repr(self) -> str:
         c = self.config
