@@ -98,18 +98,33 @@ def add_weight_transform(module: nn.Module, transform: nn.Module, before=None) -
         chain.insert(at, transform)
 
 
+def _private_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before torch edits class attributes. torch keeps
+    a parametrized tensor as a property on the module's class, and ``copy.deepcopy`` of a parametrized
+    module shares that class: removing (or adding) a parametrized tensor on the copy would delete the
+    property of the original too ('ParametrizedLinear' object has no attribute 'weight')."""
+    if not parametrize.is_parametrized(module):
+        return
+    cls = module.__class__
+    attrs = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, attrs)
+
+
 def remove_weight_transform(module: nn.Module, transform: nn.Module) -> None:
     """Take ``transform`` out of ``module.weight``'s chain (the stored weight is left as it is)."""
     chain = list(weight_transforms(module))
     if transform not in chain:
         raise ValueError(f"{type(transform).__name__} is not a weight transform of this module")
     if len(chain) == 1:
+        _private_class(module)
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
     else:
         del module.parametrizations.weight[chain.index(transform)]
 
 
 def add_bias_transform(module: nn.Module, transform: nn.Module) -> None:
+    if not parametrize.is_parametrized(module, "bias"):
+        _private_class(module)            # a new property on the class: not on a deep copy's original
     parametrize.register_parametrization(module, "bias", transform)
 
 

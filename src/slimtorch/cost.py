@@ -36,7 +36,7 @@ from torch import nn
 from .attach import QUANTIZABLE, input_quantizer, raw_param, raw_weight, transform_input, weight_transforms
 
 FLOAT_BITS = 32
-STATE_ROLES = ("quantizer", "mask", "codebook")    # their parameters and buffers are compression state
+STATE_ROLES = ("quantizer", "mask", "codebook", "noise")    # their parameters and buffers: compression state
 
 
 # The cost protocol: compression modules declare what they are with a class attribute ``cost_role``,

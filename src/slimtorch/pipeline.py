@@ -2,7 +2,8 @@
 
 data -> model -> float training (or float checkpoint) -> evaluate -> [fold_batchnorm_] -> [prune_] ->
 quantize_ + calibrate -> fine-tune (QAT; the pruning schedule advances with st.step, soft movement's
-penalty joins the loss) -> [reestimate_bn_] -> evaluate -> report -> packed export -> metrics.json +
+penalty joins the loss) -> [reestimate_bn_] -> [iPQ stages: pq_ + fine-tuning of the centroids and
+the weights not yet quantized, pipeline_ipq.py] -> evaluate -> report -> packed export -> metrics.json +
 report.md. Quant-Noise (``quant_noise`` section) is attached before its stage's training (the float
 training or the fine-tuning) and removed right after it.
 Each training stage checkpoints atomically in the output folder; ``resume=True`` continues there.
@@ -25,6 +26,7 @@ from .data import load_dataset, make_loaders
 from .errors import CheckpointError, ConfigError
 from .export import export_onnx, save_packed
 from .models import build_model
+from .pipeline_ipq import run_ipq
 from .preflight import preflight
 from .pq import quant_noise_, remove_quant_noise_
 from .prune import prune_, prune_param_groups, pruned_layers, sparsity
@@ -131,8 +133,9 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
         _, _, test = loaders(recipe.train)
     else:
         cfg, tr, test = loaders(recipe.train)
-        with _noise(model, recipe, "train", metrics):
-            train(model, tr.batches, cfg, checkpoint_path=out / "float.ckpt", resume=resume)
+        with _noise(model, recipe, "train", metrics):     # st.step: the refits of pq_exact noise
+            train(model, tr.batches, cfg, checkpoint_path=out / "float.ckpt", resume=resume,
+                  on_step=lambda m, _s: step(m))
     metrics["fp32_accuracy"] = evaluate(model, test.batches(0))["accuracy"]
     metrics["fp32_size_bytes"] = report(model).totals["fp32_bytes"]
     metrics["timing"]["fp32_seconds"] = round(time.time() - t0, 2)
@@ -170,6 +173,8 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
             metrics["prune"] = {"method": type(recipe.prune).method, "kept": sp["kept"], "weights": sp["weights"],
                                 "sparsity": round(sp["sparsity"], 6),
                                 "stored_bytes": model_costs(model)["stored_bytes"]}   # masks + kept codes
+    if recipe.ipq is not None:       # product quantization, stage by stage (pipeline_ipq.py)
+        run_ipq(model, recipe, loaders, out, metrics, resume=resume)
     rep = report(model)
     metrics["accuracy"] = evaluate(model, test.batches(0))["accuracy"]
     metrics["size_bytes"] = rep.totals["bytes"]

@@ -3,8 +3,8 @@
 Everything ``run_recipe`` would otherwise find out only after float training: include/exclude globs
 that match no layer, plan entries, a HAWQ budget outside the feasible range of its bit grid, Uhlich
 budgets that no bitwidth can meet (weights and activations), more calibration batches than the data
-has, a missing optional dependency of the ONNX exporter, Quant-Noise block sizes and globs. The compression is tried on a copy of the
-model with one batch; RNG states are restored afterwards, so a run is the same with or without it."""
+has, a missing optional dependency of the ONNX exporter, Quant-Noise block sizes and globs, iPQ stage
+globs and block sizes. The compression is tried on a copy of the model with one batch; RNG states are restored afterwards, so a run is the same with or without it."""
 from __future__ import annotations
 
 import copy
@@ -33,15 +33,16 @@ def _first_input(batches):
     raise ConfigError("the training split yields no batch")
 
 
-def check_compression(model: torch.nn.Module, recipe, train_batches) -> None:
+def check_compression(model: torch.nn.Module, recipe, train_batches):
     """Try the recipe's compression on a deep copy of ``model`` with one batch of ``train_batches``
-    (a re-iterable of ``(x, y)``): every error it raises is the one the real run would raise later."""
+    (a re-iterable of ``(x, y)``): every error it raises is the one the real run would raise later.
+    Returns the compressed copy (None without a compress section)."""
     from .quant import calibrate, quantize_
     from .cost import trace_layers
     from .search.penalty import penalty
 
     if recipe.compress is None:
-        return
+        return None
     sel = recipe.select
     n_batches = len(train_batches) if hasattr(train_batches, "__len__") else None
     want = sel.get("calibrate_batches", 8)
@@ -87,6 +88,36 @@ def check_compression(model: torch.nn.Module, recipe, train_batches) -> None:
     except ConfigError as e:
         raise ConfigError(f"compress: {e}") from None
     check_quant_noise(trial, recipe, x, "finetune")
+    return trial
+
+
+def check_ipq(trial: torch.nn.Module, recipe, x) -> None:
+    """Run the recipe's iPQ stages on ``trial`` (a copy, compressed as the recipe compresses) with
+    one k-means iteration: globs that match nothing (or only layers of earlier stages), block sizes
+    that do not divide a layer, and layers scalar-quantized by compress fail here, named."""
+    ip = getattr(recipe, "ipq", None)
+    if ip is None:
+        return
+    import warnings
+    from dataclasses import replace
+
+    from .cost import weight_quantizer
+    from .pq import ipq_stages
+    try:
+        with warnings.catch_warnings():          # k-means's fewer-centroids warning: the real run says it
+            warnings.simplefilter("ignore")
+            for stage in ipq_stages(trial, [p for p, _ in ip["stages"]],
+                                    [replace(c, n_iter=1) for _, c in ip["stages"]], exclude=ip["exclude"]):
+                for name in stage.layers:
+                    if weight_quantizer(trial.get_submodule(name)) is not None:
+                        raise ConfigError(f"stage {stage.index} ({list(stage.include)}): layer {name!r} is also "
+                                          "scalar-quantized by 'compress'; the packed format stores a codebook layer "
+                                          "without a scalar weight quantizer: exclude it from one of them (or use "
+                                          "int8_centroids)")
+        with torch.no_grad():
+            trial(x)
+    except (ConfigError, PatternError) as e:
+        raise type(e)(f"ipq: {e}") from None
 
 
 def check_quant_noise(trial: torch.nn.Module, recipe, x, stage: str) -> None:
@@ -125,7 +156,9 @@ def preflight(model: torch.nn.Module, recipe, train_batches) -> None:
     try:
         if getattr(recipe, "quant_noise", None) is not None and recipe.noise_select.get("stage") == "train":
             check_quant_noise(copy.deepcopy(model), recipe, _first_input(train_batches), "train")
-        check_compression(model, recipe, train_batches)
+        trial = check_compression(model, recipe, train_batches)
+        if getattr(recipe, "ipq", None) is not None:
+            check_ipq(trial if trial is not None else copy.deepcopy(model), recipe, _first_input(train_batches))
     finally:
         torch.set_rng_state(state[0])
         random.setstate(state[1])

@@ -20,6 +20,9 @@ signature. What depends on the model is checked by ``pipeline.preflight`` right 
                plan: null, calibrate_batches: 8,     # method uhlich: learned bits + budget penalty
                fold_bn: false, reestimate_bn: null}  # BN folded before quantize_; BN stats re-estimated after
     finetune: {epochs: 3, lr: 0.0005, ...}                       # QAT after compress
+    ipq:      {stages: [[conv*], [fc*]], n_centroids: 256, block_size: null, exclude: null,  # optional:
+               finetune: {epochs: 1, lr: 0.001}, steps: null, centroids_lr: null}   # iterative PQ
+               # (recipe_ipq.py): after the float training (and compress / finetune), stage by stage
     export:   {path: model.slim, onnx: null, onnx_kernels: qdq,   # packed file (+ ONNX) in --out
                onnx_fuse_skip_layernorm: false}
 """
@@ -35,7 +38,7 @@ from .errors import ConfigError
 from .schema import build, check_call, check_mapping
 
 SECTIONS = ("name", "description", "seed", "data", "model", "train", "search", "prune", "quant_noise", "compress",
-            "finetune", "export")
+            "finetune", "ipq", "export")
 Globs = Optional[Union[str, tuple[str, ...]]]
 PlanEntry = Union[int, dict[str, Optional[int]]]
 
@@ -139,6 +142,7 @@ class Recipe:
     prune_select: dict = field(default_factory=dict)   # include / exclude of the prune section
     quant_noise: object | None = None   # a QuantNoise config (pq/noise_configs.py)
     noise_select: dict = field(default_factory=dict)   # include / exclude / stage (resolved) of quant_noise
+    ipq: dict | None = None          # stages [(patterns, PQ)], exclude, finetune, steps (recipe_ipq.py)
 
 
 def _given(section_cls, doc: dict, key: str, where: str) -> dict | None:
@@ -209,8 +213,10 @@ def parse_recipe(doc: dict, name: str = "recipe") -> Recipe:
     if train is None and not model.get("checkpoint"):
         raise ConfigError(f"{name}: give either a 'train' section or model.checkpoint (float weights)")
     noise, noise_select = _quant_noise_section(doc, name, train if not model.get("checkpoint") else None, finetune)
+    from .recipe_ipq import parse_ipq_section
+    ipq = parse_ipq_section(doc, name)
     return Recipe(doc.get("name") or name, seed, data, model, train, compress, select, finetune, export,
-                  doc, search, prune, prune_select, noise, noise_select)
+                  doc, search, prune, prune_select, noise, noise_select, ipq)
 
 
 def _quant_noise_section(doc: dict, name: str, train, finetune) -> tuple:

@@ -19,11 +19,11 @@ def test_p_outside_0_1_is_refused(p):
 
 
 @pytest.mark.parametrize("kw,match", [
-    ({"mode": "int8"}, r"mode='int8'; expected one of \('pq', 'scalar'\)"),
+    ({"mode": "int8"}, r"mode='int8'; expected one of \('pq', 'scalar', 'pq_exact'\)"),
     ({"mode": "scalar", "bits": 9}, r"bits=9; expected an integer in 2..8 or 'layer'"),
     ({"mode": "scalar", "bits": "4"}, r"bits='4'"),
     ({"block_size": 0}, r"block_size=0; expected an integer >= 1"),
-    ({"mode": "scalar", "block_size": 8}, r"block_size=8 applies to mode='pq' only"),
+    ({"mode": "scalar", "block_size": 8}, r"block_size=8 applies to modes 'pq' and 'pq_exact' only"),
     ({"embeddings": 1}, r"embeddings=1; expected true or false"),
 ])
 def test_bad_fields_are_named(kw, match):

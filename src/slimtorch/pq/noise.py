@@ -8,6 +8,9 @@ The transform is a parametrization of ``weight`` (attach.py), ``cost_role`` "noi
 nothing and costs nothing (training only). In the chain it sits after pruning masks and before a
 scalar quantizer, whichever order they are attached in: W' = Q(noise(W * M)).
 
+Mode "pq_exact" (the selected blocks take their current k-means centroid, straight-through; p = 1
+is iPQ quantization-aware training) is the subclass ExactPQNoise in noise_exact.py.
+
 PQ noise (fairseq quant_noise.py): each output row of the weight, flattened over its input
 features (Linear (out, in); Embedding (num, dim); Conv (out, in/groups * kh * kw), in memory
 order), is cut into contiguous blocks of ``block_size``; one M_b ~ Bernoulli(p) per block, and
@@ -185,7 +188,14 @@ def _attach(model, config: QuantNoise, layers: dict, *_):
     for name, m in layers.items():
         if noise_transform(m) is not None:
             raise ConfigError(f"layer {name!r} already has Quant-Noise (st.remove_quant_noise_ first)")
-    sizes = {n: block_size_for(n, m, config.block_size) if config.mode == "pq" else 1 for n, m in layers.items()}
+    sizes = {n: block_size_for(n, m, config.block_size) if config.mode != "scalar" else 1 for n, m in layers.items()}
+    if config.mode == "pq_exact":
+        from .noise_exact import ExactPQNoise
+        for name, m in layers.items():
+            t = ExactPQNoise(config, sizes[name], name, m)
+            add_weight_transform(m, t, before=is_quantizer)
+            t.fit()                        # k-means on what it receives (W, or W * M under a mask)
+        return
     for name, m in layers.items():
         add_weight_transform(m, QuantNoiseTransform(config, sizes[name], name, m), before=is_quantizer)
 
@@ -217,14 +227,19 @@ def noise_off(model: nn.Module):
 
 
 def float_noise_keys(model: nn.Module, state: dict, quantized: set) -> dict:
-    """``state`` (a state dict of ``model``) with each unquantized layer whose only weight
-    transforms are Quant-Noise stored as a plain ``<layer>.weight`` (noise stores nothing)."""
+    """``state`` (a state dict of ``model``) without the buffers of Quant-Noise transforms, and with
+    each unquantized layer whose only weight transforms are Quant-Noise stored as a plain
+    ``<layer>.weight`` (noise stores nothing)."""
     out = dict(state)
     for name, m in model.named_modules():
         chain = weight_transforms(m)
+        p = f"{name}." if name else ""
+        for i, t in enumerate(chain):       # the codebook buffers of mode "pq_exact" (training state)
+            if is_noise(t):
+                for k in [k for k in out if k.startswith(f"{p}parametrizations.weight.{i}.")]:
+                    del out[k]
         if name in quantized or not chain or not all(is_noise(t) for t in chain):
             continue
-        p = f"{name}." if name else ""
         out[p + "weight"] = out.pop(p + "parametrizations.weight.original")
     return out
 
