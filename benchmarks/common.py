@@ -65,3 +65,21 @@ def step_times(models: dict, x, y, steps=30, warmup=5, rounds=3) -> dict:
                 if i >= warmup:
                     times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def batches(x, y, bs: int, seed: int):
+    """Endless shuffled batches of (x, y) tensors, epoch after epoch, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y) - bs + 1, bs):
+            j = perm[i:i + bs]
+            yield x[j], y[j]
+
+
+@torch.no_grad()
+def acc(model, x, y, bs=1000) -> float:
+    """Top-1 accuracy (%) of ``model`` on the tensors (x, y), in eval mode."""
+    model.eval()
+    hit = sum(int((model(x[i:i + bs]).argmax(1) == y[i:i + bs]).sum()) for i in range(0, len(y), bs))
+    return 100.0 * hit / len(y)

@@ -35,6 +35,7 @@ from slimtorch.cost import model_costs
 from slimtorch.data import load_dataset
 from slimtorch.models import build_model
 
+from .common import acc, batches
 from .results import write_section
 
 CACHE = Path("runs/bench-cache")
@@ -76,22 +77,6 @@ def load(setup: dict, quick: bool):
     if setup["data"] == "mnist":
         x, xt = F.avg_pool2d(x, 2), F.avg_pool2d(xt, 2)
     return x, y, xt, yt
-
-
-def batches(x, y, bs: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y) - bs + 1, bs):
-            j = perm[i:i + bs]
-            yield x[j], y[j]
-
-
-@torch.no_grad()
-def acc(model, x, y, bs=2000) -> float:
-    model.eval()
-    hit = sum(int((model(x[i:i + bs]).argmax(1) == y[i:i + bs]).sum()) for i in range(0, len(y), bs))
-    return 100.0 * hit / len(y)
 
 
 def fit(model, data, steps: int, lr: float, bs: int, seed: int, groups=None) -> None:

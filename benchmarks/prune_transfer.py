@@ -33,6 +33,7 @@ from slimtorch.distill import distill_loss
 from slimtorch.models import build_model
 from slimtorch.prune import prune_param_groups, sparsity
 
+from .common import acc, batches
 from .results import write_section
 
 CACHE = Path("runs/bench-cache")
@@ -55,23 +56,6 @@ def split(bundle, lo: int, hi: int):
     x, xt = F.avg_pool2d(x, 2), F.avg_pool2d(xt, 2)
     a, b = (y >= lo) & (y <= hi), (yt >= lo) & (yt <= hi)
     return x[a], y[a], xt[b], yt[b]
-
-
-def batches(x, y, bs: int, seed: int):
-    """Endless shuffled batches, epoch after epoch, seeded."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y) - bs + 1, bs):
-            j = perm[i:i + bs]
-            yield x[j], y[j]
-
-
-@torch.no_grad()
-def acc(model, x, y, bs=1000) -> float:
-    model.eval()
-    hit = sum(int((model(x[i:i + bs]).argmax(1) == y[i:i + bs]).sum()) for i in range(0, len(y), bs))
-    return 100.0 * hit / len(y)
 
 
 def run(net, data, steps: int, seed: int, lr: float, config=None, teacher=None, bs=64) -> dict:

@@ -9,15 +9,7 @@ import slimtorch as st
 from slimtorch.errors import CheckpointError, ConfigError
 from slimtorch.export.packed import read_packed
 from slimtorch.prune.shrink import shrink_record, shrink_to_
-
-
-def _bert():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=16, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)
-    return transformers.BertModel(cfg).eval()
+from test_shrink import _tiny_bert as _bert      # tests/prune is on sys.path (pytest's prepend import mode)
 
 
 def _encoder():
