@@ -3,7 +3,7 @@
 Teacher: all-MiniLM-L6-v2 + a 5-way head fine-tuned 2 epochs on the BBC train split
 (``bbc_finetune.finetune_fp32``, cached under runs/bench-cache/bbc; test = every 5th article, 445).
 Student: a copy whose 36 encoder Linear layers (``bert.encoder.*``; embeddings, pooler and classifier
-stay dense, as the paper) are fine-pruned for ``--steps`` AdamW steps (batch 16, weights lr 3e-5 with
+stay dense, as the paper) are fine-pruned for ``--steps`` AdamW steps (batch 16, weights lr ``--lr`` (3e-5) with
 10% warm-up and linear decay, scores lr 1e-2 in their own group) with distillation from the teacher
 (0.9 * T^2 * KL at T = 2 + 0.1 * CE, the reference's alpha_distil / alpha_ce) and the cubic schedule
 (dense for the first 10% of the steps, final sparsity over the last 20%: the reference's warm-ups 1
@@ -147,7 +147,8 @@ def plan(args) -> list[tuple]:
 
 
 def key_suffix(args) -> str:
-    return f"|steps={args.steps}|seed={args.seed}|bs={args.batch}"
+    lr = getattr(args, "lr", 3e-5)
+    return f"|steps={args.steps}|seed={args.seed}|bs={args.batch}" + ("" if lr == 3e-5 else f"|lr={lr:g}")
 
 
 def run_key(method, target, lam, args) -> str:
@@ -266,7 +267,7 @@ def table(rows: list, teacher_acc: float, args, loads: list, secs: float, sizes:
              "",
              f"Teacher: all-MiniLM-L6-v2 fine-tuned 2 epochs on the BBC train split ({sizes[0]:,} articles, 128 "
              f"tokens); test accuracy **{teacher_acc:.2f}%** on the {sizes[1]} held-out articles. Students: the 36 encoder Linear "
-             f"layers fine-pruned for {args.steps} steps of batch {args.batch} with distillation (0.9 T^2 KL + 0.1 CE, "
+             f"layers fine-pruned for {args.steps} steps of batch {args.batch} (weights lr {args.lr:g}) with distillation (0.9 T^2 KL + 0.1 CE, "
              "T = 2), cubic schedule (dense 10% of the steps, final sparsity the last 20%); embeddings, pooler and "
              "classifier dense. Soft movement's remaining fraction is what its lambda gave, measured.",
              "",
@@ -301,6 +302,7 @@ def main(argv=None):
     ap.add_argument("--soft-lams", type=float, nargs="+", default=[400.0, 1500.0])
     ap.add_argument("--only", nargs="+", help="methods to run (default: all)")
     ap.add_argument("--no-run", action="store_true", help="only the runs already in the store: table, plot, RESULTS")
+    ap.add_argument("--lr", type=float, default=3e-5, help="peak learning rate of the weights (scores: 1e-2)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny subsets, a few steps (RESULTS.md untouched)")
     args = ap.parse_args(argv)
@@ -321,7 +323,7 @@ def main(argv=None):
             continue
         if key not in done:
             print(f"{method} target={target} lam={lam}", flush=True)
-            r = fine_prune(teacher, train_data, t_logits, method, target or 1.0, steps=args.steps,
+            r = fine_prune(teacher, train_data, t_logits, method, target or 1.0, steps=args.steps, lr=args.lr,
                            seed=args.seed, lam=lam, bs=args.batch)
             done = store_put(store, key, {"method": method, "target": target, "lam": lam, "kept": r["kept"],
                                           "sec": r["sec"], "acc": accuracy(r["model"], test_data)})
