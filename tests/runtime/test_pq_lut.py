@@ -72,10 +72,10 @@ def test_pq_linear_modes(mode):
 def test_pq_linear_dense_cache_follows_dtype_and_bad_mode_is_refused():
     c, codes, b = _layer()
     m = PQLinear(c, codes, 16, b, mode="dense")
-    w = m.weight()
-    assert m.weight() is w
+    w = m.weight
+    assert m.weight is w and torch.equal(w, dense_weight(c, codes, 16))
     m.double()
-    assert m.weight().dtype == torch.float64 and m(torch.randn(2, 16, dtype=torch.float64)).dtype == torch.float64
+    assert m.weight.dtype == torch.float64 and m(torch.randn(2, 16, dtype=torch.float64)).dtype == torch.float64
     with pytest.raises(ValueError, match="mode='fast'"):
         PQLinear(c, codes, 16, b, mode="fast")
     with pytest.raises(ValueError, match="do not make rows"):

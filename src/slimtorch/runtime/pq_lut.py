@@ -121,8 +121,10 @@ class PQLinear(nn.Module):
     def block_size(self) -> int:
         return self.centroids.shape[1]
 
+    @property
     def weight(self) -> torch.Tensor:
-        """The dense weight C[codes] (built and cached on first call)."""
+        """The dense weight C[codes] (built on first use and cached; reading it in "lut" mode
+        materialises it too, as code written for nn.Linear expects)."""
         w = self._dense
         if w is None or w.device != self.centroids.device or w.dtype != self.centroids.dtype:
             w = self._dense = dense_weight(self.centroids, self.codes, self.in_features)
@@ -145,7 +147,7 @@ class PQLinear(nn.Module):
                             self.bias)
         if self.kernel == "lut":
             return lut_matmul(x, self.centroids, self.index(), self.bias)
-        return F.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
