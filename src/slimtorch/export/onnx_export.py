@@ -14,6 +14,7 @@ Each quantized layer is swapped (only for the duration of the export) for a modu
           (onnx_attention.py).
   LSQ+ offsets fold into the bias (Linear, unpadded Conv) or are added back after DQ (padded Conv).
 Quantizers whose codes are not an affine grid (decode != (codes + q_n) * s) export float weights.
+Product-quantized layers export their codebook and codes, W = Gather(C, codes) (onnx_pq.py).
 onnxruntime fuses these patterns into integer kernels (MatMulIntegerToFloat, QLinearConv, QGemm);
 its Conv/Gemm fusions round the bias to int32 and requantize, so a rare code differs from PyTorch.
 ``exact=True`` dequantizes with Cast/Sub/Mul instead: float kernels, PyTorch's arithmetic.
@@ -34,6 +35,7 @@ from ..attach import input_quantizer, raw_weight, weight_transforms
 from ..errors import ConfigError
 from ..quant.api import quantized_layers
 from ..cost import layer_kind
+from .onnx_pq import PQLayer, pq_export_layers, pq_exportable
 
 
 def _sym(op, inputs, like, dtype=None, shape=None, **attrs):
@@ -307,10 +309,11 @@ def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, out
     if matmul_nbits and (matmul_nbits < 16 or matmul_nbits & (matmul_nbits - 1)):
         raise ConfigError(f"matmul_nbits block size must be a power of two >= 16, got {matmul_nbits}")
     layers = [(n, m, wq, aq) for n, m, wq, aq in quantized_layers(model)]
-    if not layers:
-        raise ConfigError("export_onnx: the model has no quantized layer (quantize_ it or load it "
+    pq_rows = pq_export_layers(model, {n for n, *_ in layers})      # codebook layers (onnx_pq.py)
+    if not layers and not pq_rows:
+        raise ConfigError("export_onnx: the model has no quantized layer (quantize_ or pq_ it, or load it "
                           "with load_packed(..., runtime='fakequant'))")
-    if any(n == "" for n, *_ in layers):
+    if any(n == "" for n, *_ in layers + pq_rows):
         raise ConfigError("export_onnx: the root module itself cannot be a quantized layer")
     kwargs = {}
     if isinstance(example_inputs, dict):
@@ -330,12 +333,12 @@ def export_onnx(model: nn.Module, path, example_inputs, *, input_names=None, out
             blocks = fusable_attention(model, layers, acts, example_inputs, kwargs)
         for n, blk in blocks.items():
             swapped.append((n, _swap(model, n, blk)))
-        for n, m, wq, aq in layers:
+        for n, m, wq, aq in layers + pq_rows:
             if any(n.startswith(b + ".") for b in blocks):
                 continue
             act = acts[id(aq)] if aq is not None else None
-            swapped.append((n, _swap(model, n, _QLayer(m, wq, aq, matmul_nbits, nbits_accuracy, exact,
-                                                       kernels, act))))
+            swapped.append((n, _swap(model, n, PQLayer(m, act) if wq is None and pq_exportable(m) else
+                                     _QLayer(m, wq, aq, matmul_nbits, nbits_accuracy, exact, kernels, act))))
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(model, example_inputs, str(path), kwargs=kwargs or None, dynamo=True,

@@ -302,16 +302,22 @@ def _same_state(a: nn.Module, b: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def load_packed(path, model_or_factory=None, runtime: str = "float") -> nn.Module:
+def load_packed(path, model_or_factory=None, runtime: str = "float", pq_kernel: str = "auto",
+                pq_batch: int = 1) -> nn.Module:
     """Load a packed file into a float model of the architecture it was saved from.
 
     ``model_or_factory``: a freshly built float nn.Module, or a callable returning one; None
     rebuilds it from the file's ``build`` record.
     ``runtime``: "float" (decoded weights + input quantizers: outputs bit-identical to the
     fake-quant model), "fakequant" (quantizers re-attached: trainable, reportable, re-savable) or
-    "int8" (float, then Linear layers with <=8-bit weights and inputs on the int8 GEMM kernel)."""
+    "int8" (float, then Linear layers with <=8-bit weights and inputs on the int8 GEMM kernel).
+    ``pq_kernel`` (float / int8): product-quantized Linear layers become runtime PQLinear on the
+    LUT matmul ("lut"), the cached dense rebuild ("dense") or whichever is measured faster for the
+    shape at ``pq_batch`` input rows ("auto"); "off" keeps dense nn.Linear (runtime/pq_convert.py)."""
+    from ..runtime.pq_convert import check_pq_kernel, convert_pq
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime={runtime!r}; expected one of {RUNTIMES}")
+    check_pq_kernel(pq_kernel, pq_batch)
     meta, tensors, _ = read_packed(path)
     if model_or_factory is None:
         model = _build_recorded(meta, path)
@@ -377,6 +383,8 @@ def load_packed(path, model_or_factory=None, runtime: str = "float") -> nn.Modul
             attach_codebook(m, next(e for e in meta["layers"] if e["name"] == name), *codes)
         if runtime == "fakequant" and int32_bias.get(name):
             attach_int32_bias(m)
+    if runtime != "fakequant":
+        convert_pq(model, {p[0]: p[6] for p in plan if isinstance(p[6], tuple)}, pq_kernel, pq_batch)
     if runtime == "int8":
         from ..runtime.int8 import convert_int8
         convert_int8(model, {p[0]: (p[4], p[6]) for p in plan})
