@@ -86,3 +86,14 @@ def test_prune_twice_and_wrong_config():
         st.prune_(m, st.Magnitude(remaining=0.5), include="0")
     with pytest.raises(ConfigError, match="expected a pruning config"):
         st.prune_(_mlp(), st.LSQ())
+
+
+def test_soft_movement_warns_when_its_scores_cannot_reach_tau():
+    """logit(0.1) = -2.20: 100 Adam steps at 1e-2 move a score at most ~1.0, so nothing could be pruned."""
+    import warnings
+    from torch import nn
+    with pytest.warns(UserWarning, match=r"logit\(tau=0.1\) = -2.20.*at most ~1.00 in total_steps=100.*>= 0.022"):
+        st.prune_(nn.Sequential(nn.Linear(4, 4)), st.SoftMovement(total_steps=100))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        st.prune_(nn.Sequential(nn.Linear(4, 4)), st.SoftMovement(total_steps=100, scores_lr=0.05))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -50,6 +51,7 @@ def prune_(model: nn.Module, config: PruneConfig, include=None, exclude=None) ->
     if not isinstance(config, PruneConfig):
         raise ConfigError(f"prune_: expected a pruning config (Magnitude, HardMovement, SoftMovement), "
                           f"got {type(config).__name__}")
+    _warn_unreachable_tau(config)
     group = next(_GROUPS)
     if config.structure in TIED:
         _apply_tied(model, config, find_sites(model, config.structure, include, exclude), group)
@@ -60,6 +62,22 @@ def prune_(model: nn.Module, config: PruneConfig, include=None, exclude=None) ->
         handler_for(config)(model, config, layers, group)
     _recompute_global(model, force_group=group)
     return model
+
+
+def _warn_unreachable_tau(config) -> None:
+    """Soft movement drops a weight only when sigmoid(S) <= tau, i.e. once its score (initialised at 0)
+    is below logit(tau); Adam moves a score by about ``scores_lr`` per step, so a run of
+    ``total_steps`` cannot prune anything when total_steps * scores_lr < |logit(tau)|."""
+    if not isinstance(config, SoftMovement) or not 0 < config.tau < 0.5:
+        return
+    need = math.log((1 - config.tau) / config.tau)
+    reach = config.total_steps * config.scores_lr
+    if reach < need:
+        warnings.warn(f"SoftMovement: a weight is pruned once its score (starting at 0) falls below "
+                      f"logit(tau={config.tau:g}) = {-need:.2f}, but with Adam a score moves about scores_lr="
+                      f"{config.scores_lr:g} per step, at most ~{reach:.2f} in total_steps={config.total_steps}: "
+                      f"likely nothing will be pruned; raise scores_lr (>= {need / config.total_steps:.2g}) or "
+                      "total_steps", UserWarning, stacklevel=3)
 
 
 def _not_pruned(layers: dict) -> None:
