@@ -47,7 +47,7 @@ def main() -> None:
     random.seed(0)
     torch.manual_seed(0)
     import fairseq
-    jobs = torch.load(args.inp)
+    jobs = torch.load(args.inp, weights_only=True)
     out = {"versions": {"fairseq": str(fairseq.__version__), "torch": str(torch.__version__),
                         "threads": torch.get_num_threads()}}
     for name, job in jobs.items():

@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from slimtorch.pq.blocks import to_blocks
@@ -31,15 +30,12 @@ from slimtorch.pq.kmeans import kmeans, objective
 from slimtorch.runtime.pq_lut import PQLinear
 from slimtorch.runtime.pq_select import pick_kernel
 
+from .export_speed import interleaved, load_avg
 from .results import ROOT, write_section
 
 LAYERS = {"1536x384": "encoder.layer.0.intermediate.dense", "384x1536": "encoder.layer.0.output.dense",
           "384x384": "encoder.layer.0.attention.self.query"}
 BLOCK, K, N_ITER, SEED = 8, 256, 20, 0
-
-
-def load_avg() -> str:
-    return "/".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def minilm_linears(names) -> dict:
@@ -77,7 +73,7 @@ def fairseq(jobs: dict, python: str) -> tuple[dict | None, str | None]:
         if p.returncode != 0:
             lines = [ln for ln in p.stderr.strip().splitlines() if not ln.startswith("INFO")]
             return None, " / ".join(lines[-3:]) or f"exit status {p.returncode}"
-        return torch.load(out), None
+        return torch.load(out, weights_only=True), None
 
 
 def part_kmeans(mats: dict, python: str, n_iter: int) -> tuple[str, dict]:
@@ -119,21 +115,6 @@ def part_kmeans(mats: dict, python: str, n_iter: int) -> tuple[str, dict]:
     return head + "\n\n" + "\n".join(rows), fitted
 
 
-def interleaved(fns: dict, runs: int = 20, rounds: int = 5) -> dict:
-    """ms per call: (minimum, median) over ``rounds`` round-robin passes of ``runs`` calls each."""
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-        f()
-    for _ in range(rounds):
-        for k, f in fns.items():
-            for _ in range(runs):
-                t = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t)
-    return {k: (1e3 * min(v), 1e3 * float(np.median(v))) for k, v in times.items()}
-
-
 @torch.no_grad()
 def part_latency(mats: dict, fitted: dict, batches=(1, 8, 32)) -> str:
     rows = ["| shape (out x in) | tokens | FP32 ms | PQ dense ms | PQ LUT ms | dense / FP32 | LUT / FP32 | "
@@ -148,10 +129,10 @@ def part_latency(mats: dict, fitted: dict, batches=(1, 8, 32)) -> str:
         dense = PQLinear(c, codes, w.shape[1], b, mode="dense")
         for n in batches:
             x = torch.randn(n, w.shape[1], generator=torch.Generator().manual_seed(n))
-            t = interleaved({"fp32": lambda: fp32(x), "dense": lambda: dense(x), "lut": lambda: lut(x)})
+            t = interleaved({"fp32": lambda: fp32(x), "dense": lambda: dense(x), "lut": lambda: lut(x)}, 20, 5)
             auto = pick_kernel(w.shape[0], w.shape[1], c.shape[1], c.shape[0], batch=n)
-            (f, fm), (d, dm), (lt, lm) = t["fp32"], t["dense"], t["lut"]
-            rows.append(f"| {s} | {n} | {f:.3f} ({fm:.3f}) | {d:.3f} ({dm:.3f}) | {lt:.3f} ({lm:.3f}) | "
+            f, d, lt = t["fp32"], t["dense"], t["lut"]              # Lat: the minimum, formatted with the median
+            rows.append(f"| {s} | {n} | {f:.3f} | {d:.3f} | {lt:.3f} | "
                         f"{d / f:.2f} | {lt / f:.2f} | {lt / d:.2f} | {auto} |")
     head = (f"(b) One Linear layer, 1 torch thread, the same process, interleaved (5 rounds x 20 calls): "
             f"minimum ms (median), ratios of minima. FP32 = nn.Linear with the original weight; PQ dense = "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -260,21 +261,26 @@ def caveats(rows: list, args, majority: float) -> list:
     """Plain readings of the table that a reader would otherwise have to work out: runs that collapsed
     to one class, soft movement runs whose scores could not reach the threshold in the steps given."""
     out = []
+    cfg = config_for("hard_movement", 0.1, args.steps, None)
+    start = int(cfg.initial_warmup * cfg.warmup_steps)
+    end = args.steps - int(cfg.final_warmup * cfg.warmup_steps)
     dead = [r for r in rows if r["acc"] <= majority + 1.0]
     if dead:
         out.append("Collapsed (accuracy at the largest class's share, " f"{majority:.2f}%, i.e. one class "
                    "predicted for every article): " + ", ".join(
                        f"{r['method']} {r['target'] * 100:g}%" if r["target"] is not None else r["method"]
-                       for r in dead) + f". With {args.steps} steps (the paper fine-prunes for 10 epochs) the "
-                   "cubic schedule reaches its final sparsity in about 0.7 x the steps; hard movement's scores "
-                   "have moved for only 10% of the run when pruning starts, so its first choices are close to "
-                   "random, and the network does not recover in the steps left.")
+                       for r in dead) + f". With {args.steps} steps (the paper fine-prunes for 10 epochs) "
+                   f"pruning starts at step {start} and the cubic schedule reaches its final sparsity at step "
+                   f"{end} ({end / args.steps:.0%} of the run); hard movement's scores have trained only "
+                   f"{start} steps when pruning starts, so its first choices are close to random, and the "
+                   "network does not recover in the steps left.")
     for r in rows:
         if r["method"] == "soft_movement" and r["kept"] > 0.99:
-            reach = args.steps * 1e-2
-            out.append(f"Soft movement (lambda {r['lam']:g}) pruned nothing: sigmoid(S) > 0.1 drops a weight only "
-                       f"once its score is below logit(0.1) = -2.20, and with Adam at scores_lr 1e-2 a score moves "
-                       f"at most ~{reach:.1f} in {args.steps} steps (slimtorch now warns about this when prune_ "
+            soft = config_for("soft_movement", None, args.steps, r["lam"])
+            need = math.log((1 - soft.tau) / soft.tau)
+            out.append(f"Soft movement (lambda {r['lam']:g}) pruned nothing: sigmoid(S) > {soft.tau:g} drops a weight "
+                       f"only once its score is below logit({soft.tau:g}) = {-need:.2f}, and with Adam at scores_lr "
+                       f"{soft.scores_lr:g} a score moves at most ~{args.steps * soft.scores_lr:.1f} in {args.steps} steps (slimtorch now warns about this when prune_ "
                        "is called).")
     return out
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from benchmarks import pq_speed
+from benchmarks.export_speed import Lat
 from slimtorch.pq.kmeans import kmeans
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -16,10 +17,10 @@ def test_missing_fairseq_python_is_an_error_not_a_crash(tmp_path):
 
 
 def test_latency_table_rows(monkeypatch):
-    def once(fns, **_):
+    def once(fns, *_):
         outs = {n: f() for n, f in fns.items()}
         torch.testing.assert_close(outs["lut"], outs["fp32"], rtol=1e-4, atol=1e-4)
-        return {n: (1.0, 1.0) for n in fns}
+        return {n: Lat(1.0, 1.0) for n in fns}
 
     monkeypatch.setattr(pq_speed, "interleaved", once)
     torch.manual_seed(0)
