@@ -127,6 +127,22 @@ def test_hawq_search_step_and_uhlich_method(tmp_path):
     assert set(r["w_bits"] for r in m["layers"]) <= {2, 4, 8} and m["export"]["file_bytes"] > 0
 
 
+def test_ebs_search_step(tmp_path):
+    """search: {method: ebs}: the plan meets its BitOps target and is retrained; an infeasible target
+    fails in preflight naming the feasible range."""
+    from slimtorch.errors import ConfigError
+    doc = {**DOC, "search": {"method": "ebs", "bits": [2, 4, 8], "a_bits": [2, 4, 8], "budget": "bitops",
+                             "target_uniform": 3.0, "steps": 12, "warmup": 2, "calib_batches": 2}}
+    m = pipeline.run_recipe(parse_recipe(doc), tmp_path / "e", progress=False)
+    assert m["search"]["method"] == "ebs" and m["search"]["value"] <= m["search"]["target"]
+    assert {r["w_bits"] for r in m["layers"]} <= {2, 4, 8} and {r["a_bits"] for r in m["layers"]} <= {2, 4, 8}
+    saved = json.loads((tmp_path / "e" / "ebs.json").read_text())
+    assert saved["plan"] == {r["name"]: {"w_bits": r["w_bits"], "a_bits": r["a_bits"]} for r in m["layers"]}
+    doc["search"] = {**doc["search"], "target_uniform": None, "target": 10.0}
+    with pytest.raises(ConfigError, match="feasible range"):
+        pipeline.run_recipe(parse_recipe(doc), tmp_path / "bad", progress=False)
+
+
 def test_search_without_compress_is_an_error():
     from slimtorch.errors import ConfigError
     doc = {k: v for k, v in DOC.items() if k != "compress"}

@@ -189,16 +189,28 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
 
 
 def _search(model, recipe: Recipe, train_loader, out: Path, metrics: dict, progress: bool) -> dict:
-    """Run the recipe's bit-allocation search (HAWQ-V2) on the float model; returns its plan."""
+    """Run the recipe's bit-allocation search (HAWQ-V2 or EBS) on the float model; returns its plan."""
+    from .search.ebs import EBSConfig
     from .search.hawq import HAWQConfig, hawq_search
     from .search.pareto_plot import plot_frontier
 
-    if not isinstance(recipe.search, HAWQConfig):
+    if not isinstance(recipe.search, (HAWQConfig, EBSConfig)):
         raise ConfigError(f"search method {type(recipe.search).method!r} cannot produce a plan here")
     sel = recipe.select
     cfg = recipe.search
     if cfg.include is None and cfg.exclude is None and (sel.get("include") or sel.get("exclude")):
         cfg = replace(cfg, include=sel.get("include"), exclude=sel.get("exclude"))
+    if isinstance(cfg, EBSConfig):
+        from .search.ebs_search import ebs_search
+        if cfg.first_last == "float":
+            raise ConfigError("search.first_last='float' leaves layers float: in a recipe, exclude them "
+                              "in compress.exclude instead")
+        result = ebs_search(model, train_loader.batches, cfg, quant=recipe.compress, progress=progress)
+        _write_json(out / "ebs.json", result.as_dict())
+        metrics["search"] = {"method": "ebs", "budget": result.budget, "target": result.target,
+                             "value": result.value, "argmax_value": result.argmax_value,
+                             "seconds": result.seconds}
+        return result.plan
     result = hawq_search(model, train_loader.batches(0), cfg, quant=recipe.compress, progress=progress)
     _write_json(out / "hawq.json", result.as_dict())
     plot_frontier(result, out / "hawq_frontier.png", title=recipe.name)

@@ -54,15 +54,19 @@ def check_compression(model: torch.nn.Module, recipe, train_batches):
     if recipe.search is not None:
         from dataclasses import replace
 
+        from .search.ebs import EBSConfig, cost_model
         from .search.hawq import HAWQConfig, check_budget
 
         cfg = recipe.search
-        if not isinstance(cfg, HAWQConfig):
+        if not isinstance(cfg, (HAWQConfig, EBSConfig)):
             raise ConfigError(f"search method {type(cfg).method!r} cannot produce a plan here")
         if cfg.include is None and cfg.exclude is None and (sel.get("include") or sel.get("exclude")):
             cfg = replace(cfg, include=sel.get("include"), exclude=sel.get("exclude"))
         try:
-            check_budget(trial, cfg, recipe.compress, example_input=x)
+            if isinstance(cfg, EBSConfig):
+                cost_model(trial, cfg, recipe.compress, example_input=x)
+            else:
+                check_budget(trial, cfg, recipe.compress, example_input=x)
         except ConfigError as e:
             raise ConfigError(f"search: {e}") from None
     _check_prune_steps(recipe, n_batches)

@@ -88,22 +88,28 @@ def per_channel_shape(weight: torch.Tensor) -> tuple[int, ...]:
     return (weight.shape[0],) + (1,) * (weight.dim() - 1)
 
 
+def lsq_weight_quantizer(cfg: LSQ, m: nn.Module, bits: int) -> LSQQuantizer:
+    """The weight quantizer ``cfg`` gives layer ``m`` at ``bits`` (also EBS's per-bit candidates)."""
+    shape = per_channel_shape(m.weight) if cfg.weights == "per_channel" else (1,)
+    return LSQQuantizer(bits, "weight", signed=True, scale_shape=shape, init=cfg.w_init,
+                        use_grad_scale=cfg.grad_scale).to(m.weight.device)
+
+
+def lsq_input_quantizer(cfg: LSQ, m: nn.Module, bits: int) -> LSQQuantizer:
+    """The input-activation quantizer ``cfg`` gives layer ``m`` at ``bits``."""
+    signed = {"auto": None, "signed": True, "unsigned": False, "offset": False}[cfg.activations]
+    return LSQQuantizer(bits, "activation", signed=signed, learn_offset=cfg.activations == "offset",
+                        init=cfg.a_init, use_grad_scale=cfg.grad_scale, integer_offset=cfg.integer_offset,
+                        percentile=cfg.percentile).to(m.weight.device)
+
+
 @register_handler(LSQ)
 def _apply_lsq(model, cfg: LSQ, layers, bits):
-    signed = {"auto": None, "signed": True, "unsigned": False, "offset": False}[cfg.activations]
     for name, m in layers.items():
         w_bits, a_bits = bits[name]
-        shape = per_channel_shape(m.weight) if cfg.weights == "per_channel" else (1,)
-        wq = LSQQuantizer(w_bits, "weight", signed=True, scale_shape=shape, init=cfg.w_init,
-                          use_grad_scale=cfg.grad_scale).to(m.weight.device)
-        add_weight_transform(m, wq)
+        add_weight_transform(m, lsq_weight_quantizer(cfg, m, w_bits))
         if a_bits is not None and not isinstance(m, nn.Embedding):
-            aq = LSQQuantizer(a_bits, "activation", signed=signed,
-                              learn_offset=cfg.activations == "offset", init=cfg.a_init,
-                              use_grad_scale=cfg.grad_scale,
-                              integer_offset=cfg.integer_offset,
-                              percentile=cfg.percentile).to(m.weight.device)
-            set_input_quantizer(m, aq)
+            set_input_quantizer(m, lsq_input_quantizer(cfg, m, a_bits))
 
 
 def _iterate(forward_loop, model, num_batches):
