@@ -13,6 +13,7 @@ killed run are removed at the start."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import time
 from dataclasses import replace
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as D
 from .atomic import atomic_write_text, remove_stale_temporaries
 from .checkpoint import load_checkpoint
 from .data import load_dataset, make_loaders
@@ -62,8 +64,19 @@ def _train_config(section: dict, seed: int) -> TrainConfig:
 
 
 def _export(model, out: Path, recipe: Recipe, example) -> dict:
-    """The packed file (bit-packed codes + safetensors/JSON), and ONNX when the recipe asks."""
+    """The packed file (bit-packed codes + safetensors/JSON), and ONNX when the recipe asks.
+    Under torch.distributed rank 0 writes and the other ranks wait for it."""
     name = recipe.export.get("path", "model.slim")
+    if not D.is_main():
+        D.barrier()
+        return {"path": name, "file_bytes": (out / name).stat().st_size, "format": "slim"}
+    try:
+        return _write_export(model, out, recipe, example, name)
+    finally:
+        D.barrier()
+
+
+def _write_export(model, out: Path, recipe: Recipe, example, name: str) -> dict:
     save_packed(model, out / name)
     info = {"path": name, "file_bytes": (out / name).stat().st_size, "format": "slim"}
     if recipe.export.get("onnx"):
@@ -110,7 +123,8 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
     File paths in the metrics are relative to ``out_dir``; wall times are under ``timing``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
+    if D.is_main():
+        remove_stale_temporaries(out)
     t0 = time.time()
     seed_everything(recipe.seed)     # before the data and the model: their init draws from it
     bundle = load_dataset(recipe.data["name"], **recipe.data.get("options", {}))
@@ -155,7 +169,8 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
         quantize_(model, recipe.compress, include=sel.get("include"), exclude=sel.get("exclude"),
                   plan=plan)
         cfg, tr, test = loaders(recipe.finetune)
-        calibrate(model, tr.batches(0), num_batches=sel.get("calibrate_batches", 8))
+        calib = itertools.islice(tr.batches(0), sel.get("calibrate_batches", 8))
+        calibrate(model, [D.shard(b) for b in calib])     # each rank observes its rows; merged over ranks
         metrics["calibrated_accuracy"] = evaluate(model, test.batches(0))["accuracy"]
         if recipe.finetune is not None and cfg.epochs > 0:
             # budget penalties (Uhlich) and per-step value clipping: no-ops for methods without them
@@ -184,7 +199,8 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
     metrics["export"] = _export(model, out, recipe, next(iter(test.batches(0)))[0][:1])
     metrics["timing"]["seconds"] = round(time.time() - t0, 2)
     _write_json(out / "metrics.json", metrics)
-    (out / "report.md").write_text(_markdown(metrics, rep))
+    if D.is_main():
+        atomic_write_text(out / "report.md", _markdown(metrics, rep))
     return metrics
 
 
@@ -213,14 +229,16 @@ def _search(model, recipe: Recipe, train_loader, out: Path, metrics: dict, progr
         return result.plan
     result = hawq_search(model, train_loader.batches(0), cfg, quant=recipe.compress, progress=progress)
     _write_json(out / "hawq.json", result.as_dict())
-    plot_frontier(result, out / "hawq_frontier.png", title=recipe.name)
+    if D.is_main():
+        plot_frontier(result, out / "hawq_frontier.png", title=recipe.name)
     metrics["search"] = {"method": "hawq", "budget": result.budget, "target": result.target,
                          "value": result.value, "omega_total": result.omega_total}
     return result.plan
 
 
 def _write_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2))
+    if D.is_main():                       # under torch.distributed: rank 0 writes
+        atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def _markdown(m: dict, rep) -> str:

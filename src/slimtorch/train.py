@@ -244,7 +244,10 @@ def train(model: torch.nn.Module, train_batches: Callable[[int], Iterable], conf
     if resume and checkpoint_path is None:
         raise ConfigError("resume=True needs a checkpoint_path")
     device = _device(model)
+    from . import distributed as D
+    D.broadcast_module_(model)            # under torch.distributed: every rank starts from rank 0's weights
     optimizer = _make_optimizer(model, config, param_groups)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     ckpt = None
     if resume and Path(checkpoint_path).exists():
         ckpt = read_checkpoint(checkpoint_path)  # CheckpointError if it is not one (or damaged)
@@ -271,7 +274,7 @@ def train(model: torch.nn.Module, train_batches: Callable[[int], Iterable], conf
                          scheduler=scheduler, restore_rng_state=False)
 
     def save():
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and D.is_main():      # rank 0 writes (atomically); all ranks resume
             more = {"extra_state": extra_state[0](model)} if extra_state is not None else {}
             save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler,
                             trainer_state=dict(st, config=config.to_dict(), **more))
@@ -305,7 +308,7 @@ def train(model: torch.nn.Module, train_batches: Callable[[int], Iterable], conf
                            leave=False, dynamic_ncols=True)
                 loss_sum = torch.tensor(st["loss_sum"], dtype=torch.float64, device=device)
                 for batch in it:
-                    x, y = _unpack(batch, f"train_batches({epoch})")
+                    x, y = D.shard(_unpack(batch, f"train_batches({epoch})"))   # this rank's rows
                     x, y = _to(x, device), _to(y, device)
                     logits = _logits(model, x)
                     if teacher is not None:
@@ -319,9 +322,9 @@ def train(model: torch.nn.Module, train_batches: Callable[[int], Iterable], conf
                         loss = loss + extra_loss(model)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    D.average_gradients_(params)   # = the gradient of the global batch's mean loss
                     if config.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(
-                            [p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
+                        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                     optimizer.step()
                     if scheduler is not None and per_step_sched:
                         scheduler.step()
@@ -329,6 +332,8 @@ def train(model: torch.nn.Module, train_batches: Callable[[int], Iterable], conf
                     st["step_in_epoch"] += 1
                     if on_step is not None:
                         on_step(model, st["global_step"])
+                    if D.active():
+                        loss = D.all_reduce_(loss.detach().clone(), "mean")
                     loss_sum += loss.detach().double()
                     bar.update(1)
                     if st["global_step"] % config.log_every == 0:

@@ -71,6 +71,8 @@ def quantize_(model: nn.Module, config, include=None, exclude=None, plan=None) -
         if weight_quantizer(m) is not None or input_quantizer(m) is not None:
             raise ConfigError(f"layer {name!r} is already quantized")
     bits = _normalise_plan(plan, layers, config)
+    from ..distributed import check_same
+    check_same({"config": repr(config), "plan": bits}, "quantize_'s config and bit plan")
     handler_for(config)(model, config, layers, bits)
     if getattr(config, "bias", "float") == "int32":
         from .bias import attach_int32_bias
@@ -168,6 +170,8 @@ def _observe_activations(model, forward_loop, num_batches, reinit_weights) -> in
     try:
         with record_calls() as ran:
             _iterate(forward_loop, model, num_batches)
+        from .observer_sync import sync_observations_
+        sync_observations_(acts)          # under torch.distributed: every rank's data, merged
     finally:
         seen = [q.has_observed() for q in acts]
         for q in acts:

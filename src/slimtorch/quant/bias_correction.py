@@ -83,6 +83,7 @@ def bias_correct_(model: nn.Module, forward_loop: Callable | Iterable, num_batch
         for h in handles:
             h.remove()
         model.train(was_training)
+    _reduce_over_ranks(sums, counts)
     done = 0
     for name, (m, _) in layers.items():
         if name not in sums:
@@ -98,6 +99,25 @@ def bias_correct_(model: nn.Module, forward_loop: Callable | Iterable, num_batch
         setattr(m, CORRECTION_ATTR, delta.detach().clone())
         done += 1
     return done
+
+
+def _reduce_over_ranks(sums: dict, counts: dict) -> None:
+    """Under torch.distributed: per-layer output sums and counts summed over ranks (in place)."""
+    from .. import distributed as D
+    if not D.active():
+        return
+    names = sorted(sums)
+    D.check_same(names, "the layers bias correction saw")
+    flat = torch.cat([sums[n].reshape(-1) for n in names]
+                     + [torch.tensor([float(counts[n]) for n in names], dtype=torch.float64)])
+    D.all_reduce_(flat, "sum")
+    i = 0
+    for n in names:
+        k = sums[n].numel()
+        sums[n] = flat[i:i + k].view_as(sums[n])
+        i += k
+    for j, n in enumerate(names):
+        counts[n] = int(flat[i + j])
 
 
 @torch.no_grad()

@@ -49,7 +49,15 @@ def ebs_search(model, data, config: EBSConfig | None = None, *, quant=None, loss
     """Search per-layer bits with EBS on a copy of ``model`` and return the plan (EBSResult).
     ``data``: (x, y) batches (a loader, a list, or ``epoch -> iterable``); ``loss_fn(model, batch)``
     (default cross-entropy); ``quant``: the LSQ/LSQ+ config the plan is for (default LSQPlus()).
-    ``keep_model``: also return the searched copy (mixers removed) as ``result.model``."""
+    ``keep_model``: also return the searched copy (mixers removed) as ``result.model``.
+    Under torch.distributed the search runs on rank 0 alone and the result is broadcast."""
+    from ..distributed import once_and_broadcast
+    # under torch.distributed the search runs once, on rank 0, and every rank gets its plan
+    return once_and_broadcast(lambda: _search(model, data, config, quant, loss_fn, example_input, progress,
+                                              keep_model))
+
+
+def _search(model, data, config, quant, loss_fn, example_input, progress, keep_model) -> EBSResult:
     cfg = config or EBSConfig()
     quant = quant if quant is not None else LSQPlus()
     loss_fn = loss_fn or default_loss

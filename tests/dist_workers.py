@@ -1,0 +1,92 @@
+"""Worker functions for tests/test_distributed.py (module level so spawned processes can import them)."""
+import copy
+import datetime
+import json
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import slimtorch as st
+from slimtorch import distributed as D
+from slimtorch.train import TrainConfig, train
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def batches(n=6, bs=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(bs, 12, generator=g) * 2
+        out.append((x, (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()))
+    return out
+
+
+QUANT = st.LSQPlus(w_bits=4, a_bits=4, a_init="minmax")
+
+
+def run_job(rank, world, tmp, job):
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+    try:
+        result = JOBS[job](rank, world, tmp)
+    except Exception as e:          # reported to the test through the file
+        result = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+    with open(f"{tmp}/out-{job}-{world}-{rank}.json", "w") as f:
+        json.dump(result, f)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _state(m):
+    return {k: v.tolist() for k, v in m.state_dict().items()}
+
+
+def job_train(rank, world, tmp):
+    """Quantize, calibrate on this rank's rows, train 2 epochs on global batches of 16."""
+    m = st.quantize_(net(), QUANT)
+    data = batches()
+    st.calibrate(m, [D.shard(b) for b in data[:2]])
+    train(m, lambda e: data, TrainConfig(epochs=2, lr=5e-3, batch_size=16, progress=False, seed=0))
+    return {"state": _state(m)}
+
+
+def job_calibrate(rank, world, tmp):
+    """Each rank calibrates on different data; world 1 sees the concatenation."""
+    out = {}
+    for a_init in ("minmax", "mse_hist", "percentile"):
+        m = st.quantize_(net(), st.LSQ(w_bits=4, a_bits=4, a_init=a_init))
+        data = batches(4, 16, seed=7)
+        if world > 1:
+            data = [D.shard(b) for b in data]
+        st.calibrate(m, data, bias_correction=(a_init == "minmax"))
+        out[a_init] = {n: [float(aq.scale.detach().reshape(-1)[0]), float(aq.offset.detach().reshape(-1)[0]) if aq.offset is not None else 0.0]
+                       for n, _, _, aq in st.quantized_layers(m)}
+        if a_init == "minmax":
+            out["bias"] = {n: mm.bias.tolist() for n, mm, _, _ in st.quantized_layers(m)}
+    return out
+
+
+def job_disagree(rank, world, tmp):
+    plan = {"0": {"w_bits": 2 + 2 * rank}}
+    try:
+        st.quantize_(net(), st.LSQ(), plan=plan)
+    except st.ConfigError as e:
+        return {"raised": str(e)}
+    return {"raised": None}
+
+
+def job_ebs(rank, world, tmp):
+    r = st.ebs_search(net(), batches(), st.EBSConfig(steps=6, warmup=1, target_uniform=4, calib_batches=1),
+                      progress=False)
+    return {"plan": r.plan, "value": r.value}
+
+
+JOBS = {"train": job_train, "calibrate": job_calibrate, "disagree": job_disagree, "ebs": job_ebs}
