@@ -89,4 +89,18 @@ def job_ebs(rank, world, tmp):
     return {"plan": r.plan, "value": r.value}
 
 
-JOBS = {"train": job_train, "calibrate": job_calibrate, "disagree": job_disagree, "ebs": job_ebs}
+def job_bn(rank, world, tmp):
+    """reestimate_bn_: 2 ranks with 3 half-batches each == one process over all 6 half-batches."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    st.quantize_(m, st.LSQ(w_bits=4, a_bits=8, a_init="minmax"))
+    g = torch.Generator().manual_seed(3)
+    halves = [torch.randn(8, 1, 8, 8, generator=g) * (1 + i) for i in range(6)]
+    st.calibrate(m, halves, bias_correction=False)
+    mine = halves if world == 1 else halves[rank::world]
+    st.reestimate_bn_(m, mine)
+    bn = m[1]
+    return {"mean": bn.running_mean.tolist(), "var": bn.running_var.tolist(), "n": int(bn.num_batches_tracked)}
+
+
+JOBS = {"bn": job_bn, "train": job_train, "calibrate": job_calibrate, "disagree": job_disagree, "ebs": job_ebs}

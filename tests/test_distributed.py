@@ -53,6 +53,14 @@ def test_calibration_over_ranks_equals_calibration_on_all_data(tmp_path):
             _close(two[0][init][layer], v, 2e-2)
 
 
+def test_bn_reestimation_over_ranks_equals_one_process_over_all_batches(tmp_path):
+    one = _run(tmp_path, "bn", 1)[0]
+    two = _run(tmp_path, "bn", 2)
+    assert two[0] == two[1] and two[0]["n"] == one["n"] == 6
+    _close(two[0]["mean"], one["mean"], 1e-6)
+    _close(two[0]["var"], one["var"], 1e-6)
+
+
 def test_ranks_that_disagree_on_the_plan_get_an_error_naming_them(tmp_path):
     out = _run(tmp_path, "disagree", 2)
     for o in out:

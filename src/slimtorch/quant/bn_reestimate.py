@@ -21,6 +21,21 @@ from .api import _iterate, quantized_layers
 from .bn_qat import BatchNormFold
 
 
+def _average_over_ranks(bns: dict) -> None:
+    """Under torch.distributed: the cumulative averages of every rank averaged (each rank ran the same
+    number of batches), the batch counts summed, so every rank holds the statistics of all batches."""
+    from .. import distributed as D
+    if not D.active():
+        return
+    names = sorted(bns)
+    D.check_same(names, "the BatchNorms reestimate_bn_ re-estimates")
+    for n in names:
+        m = bns[n]
+        D.all_reduce_(m.running_mean, "mean")
+        D.all_reduce_(m.running_var, "mean")
+        D.all_reduce_(m.num_batches_tracked, "sum")
+
+
 @torch.no_grad()
 def reestimate_bn_(model: nn.Module, forward_loop: Callable | Iterable, num_batches: int | None = None) -> dict:
     """Reset and re-accumulate the running statistics of every BatchNorm with running statistics,
@@ -47,6 +62,7 @@ def reestimate_bn_(model: nn.Module, forward_loop: Callable | Iterable, num_batc
             m.momentum = None            # cumulative moving average
             m.train()
         _iterate(forward_loop, model, num_batches)
+        _average_over_ranks(bns)
     except BaseException:
         for n, m in bns.items():         # restore the old statistics on any failure
             for k, v in old[n][1].items():
