@@ -218,9 +218,6 @@ def _search(model, recipe: Recipe, train_loader, out: Path, metrics: dict, progr
         cfg = replace(cfg, include=sel.get("include"), exclude=sel.get("exclude"))
     if isinstance(cfg, EBSConfig):
         from .search.ebs_search import ebs_search
-        if cfg.first_last == "float":
-            raise ConfigError("search.first_last='float' leaves layers float: in a recipe, exclude them "
-                              "in compress.exclude instead")
         result = ebs_search(model, train_loader.batches, cfg, quant=recipe.compress, progress=progress)
         _write_json(out / "ebs.json", result.as_dict())
         metrics["search"] = {"method": "ebs", "budget": result.budget, "target": result.target,

@@ -64,6 +64,9 @@ def check_compression(model: torch.nn.Module, recipe, train_batches):
             cfg = replace(cfg, include=sel.get("include"), exclude=sel.get("exclude"))
         try:
             if isinstance(cfg, EBSConfig):
+                if cfg.first_last == "float":
+                    raise ConfigError("first_last='float' leaves layers float: in a recipe, exclude them "
+                                      "in compress.exclude instead")
                 cost_model(trial, cfg, recipe.compress, example_input=x)
             else:
                 check_budget(trial, cfg, recipe.compress, example_input=x)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import slimtorch as st
-from slimtorch.cost import bitops, model_costs, trace_layers
+from slimtorch.cost import bitops, layer_costs, model_costs, trace_layers
 from slimtorch.errors import ConfigError, PatternError
 from slimtorch.search.ebs import EBSConfig, ebs_, ebs_state
 
@@ -27,12 +27,13 @@ def _data(n=128, bs=32):
 
 
 def _plan_cost(net, plan, budget, x, quant):
+    """The cost of ``plan`` counted on the quantized model: bytes of the packed file's accounting, or
+    MACs x the bits its attached quantizers report."""
     q = st.quantize_(copy.deepcopy(net), quant, plan=plan)
     if budget == "bytes":
         return model_costs(q)["bytes"]
-    shapes = trace_layers(net, x)
-    bits = {n: (plan[n]["w_bits"], plan[n].get("a_bits")) for n in plan}
-    return bitops(shapes, bits)
+    rows = {r.name: r for r in layer_costs(q)}
+    return bitops(trace_layers(q, x), {n: (r.w_bits, r.a_bits) for n, r in rows.items()})
 
 
 @pytest.mark.parametrize("budget,tie", [("bitops", False), ("bytes", False), ("bitops", True)])
@@ -87,7 +88,14 @@ def test_every_strength_receives_gradient_and_search_meets_target():
     assert r.cost <= r.limit
     measured = _plan_cost(net, r.plan, "bitops", x, st.LSQPlus())
     assert measured == r.cost
-    assert r.value <= r.target and r.value >= 0.5 * r.target      # fit="both" spends the budget
+    assert r.value <= r.target
+    # fit="both" spent the budget: no layer can move to a costlier option without exceeding it
+    macs = {n: s.macs for n, s in trace_layers(net, x).items()}
+    for n, (w, a) in r.choice.items():
+        for w2 in (2, 4, 8):
+            for a2 in (2, 4, 8):
+                extra = macs[n] * (w2 * a2 - w * a)
+                assert extra <= 0 or r.cost + extra > r.limit
     q = st.quantize_(copy.deepcopy(net), st.LSQPlus(), plan=r.plan)
     st.calibrate(q, data)
     assert q(x).shape == (32, 10)
@@ -170,3 +178,53 @@ def test_temperature_anneal_schedule_and_setter():
         set_temperature(m, 0)
     with pytest.raises(ConfigError, match="temperature_final"):
         EBSConfig(temperature_final=-1.0)
+
+
+def test_mixed_precision_autocast_and_half_inputs_work():
+    """bf16 activations with fp32 steps (autocast): forward and backward run, the mixture is summed in
+    fp32 and returned in the input's dtype."""
+    net, x = _net(), _data()[0][0]
+    m = copy.deepcopy(net)
+    ebs_(m, EBSConfig(), example_input=x)
+    st.calibrate(m, [x], bias_correction=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+        loss = out.float().logsumexp(-1).mean() + st.penalty(m)
+    loss.backward()
+    s = ebs_state(m)
+    assert all(mix.strength.grad is not None for pair in s.mixers.values() for mix in pair)
+    from slimtorch.search.ebs_mix import BitMixer
+    from slimtorch.quant.quantizer import LSQQuantizer
+    mix = BitMixer((2, 4), lambda b: LSQQuantizer(b, "activation", signed=None, init="minmax"), "activation")
+    xb = torch.randn(4, 6, dtype=torch.bfloat16, requires_grad=True)
+    y = mix(xb)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert xb.grad is not None and mix.strength.grad is not None
+
+
+def test_bytes_budget_counts_excluded_and_float_first_last_layers_as_float():
+    """The plan's exact bytes (what quantize_ with the same include/exclude gives) equal result.cost."""
+    torch.manual_seed(0)
+    big = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(64, 16, generator=g)
+    data = [(xs[i:i + 16], (xs[i:i + 16, 0] > 0).long()) for i in range(0, 64, 16)]
+    for kw, exclude in ((dict(exclude="4"), "4"), (dict(first_last="float"), ["0", "4"])):
+        r = st.ebs_search(big, data, EBSConfig(budget="bytes", target_uniform=4, steps=4, warmup=1, **kw),
+                          progress=False)
+        q = st.quantize_(copy.deepcopy(big), st.LSQPlus(), exclude=exclude, plan=r.plan)
+        assert model_costs(q)["bytes"] == r.cost <= r.limit
+
+
+def test_target_just_below_the_minimum_and_tied_quant_config_are_refused():
+    net, x = _net(), _data()[0][0]
+    with pytest.raises(ConfigError, match="feasible range"):
+        ebs_(copy.deepcopy(net), EBSConfig(budget="avg_bits", target=2 - 1e-13, target_uniform=None), example_input=x)
+    with pytest.raises(ConfigError, match="ties W/A bits"):
+        ebs_(copy.deepcopy(net), EBSConfig(), quant=st.LSQPlus(tie_bits=True), example_input=x)
+    assert EBSConfig(bits=(2, 4), tie_bits=True).a_bits == (2, 4)
+    m = copy.deepcopy(net)
+    ebs_(m, EBSConfig(), example_input=x)
+    with pytest.raises(ConfigError, match="fit="):
+        st.ebs_select(m, fit="nonee")

@@ -60,16 +60,17 @@ def pack_rows(planes: torch.Tensor) -> torch.Tensor:
     k = planes.shape[-1]
     pad = (-k) % 8
     p = F.pad(planes.to(torch.int64), (0, pad)).reshape(*planes.shape[:-1], -1, 8)
-    shifts = torch.arange(8, dtype=torch.int64)
+    shifts = torch.arange(8, dtype=torch.int64, device=planes.device)
     return (p << shifts).sum(-1).to(torch.uint8)
 
 
 def popcount_and(a: torch.Tensor, b: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """popcount(a_m AND b_n) for packed rows a (M, Kb) and b (N, Kb) -> int64 (M, N)."""
-    out = torch.empty(a.shape[0], b.shape[0], dtype=torch.int64)
+    out = torch.empty(a.shape[0], b.shape[0], dtype=torch.int64, device=a.device)
+    table = _POPCOUNT.to(a.device)
     for s in range(0, a.shape[0], chunk):
         anded = a[s:s + chunk, None, :] & b[None, :, :]
-        out[s:s + chunk] = _POPCOUNT[anded.to(torch.int64)].sum(-1)
+        out[s:s + chunk] = table[anded.to(torch.int64)].sum(-1)
     return out
 
 
@@ -81,7 +82,7 @@ def binary_matmul(a: torch.Tensor, b: torch.Tensor, a_bits: int, b_bits: int, a_
     pa, ca = bit_planes(a, a_bits, a_signed)
     pb, cb = bit_planes(b, b_bits, b_signed)
     packed_a, packed_b = pack_rows(pa), pack_rows(pb)
-    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int64)
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int64, device=a.device)
     for i, ci in enumerate(ca):
         for j, cj in enumerate(cb):
             out += ci * cj * popcount_and(packed_a[i], packed_b[j])

@@ -93,10 +93,10 @@ class EBSConfig:
                 check_bits(b, f"EBSConfig.{name}")
             object.__setattr__(self, name, tuple(sorted(set(v))))
         bitset("bits")
+        if self.tie_bits:                  # one strength vector per layer: W and A share the bits
+            object.__setattr__(self, "a_bits", self.bits)
         if self.a_bits is not None:
             bitset("a_bits")
-        need(not (self.tie_bits and self.a_bits is not None and self.a_bits != self.bits), "tie_bits",
-             "a_bits equal to bits (or None) when W and A bits are tied")
         need(self.budget in BUDGETS, "budget", f"one of {BUDGETS}")
         for name in ("target", "target_uniform"):
             v = getattr(self, name)
@@ -126,20 +126,32 @@ class EBSState:
     def __init__(self, cfg, names, mixers, cm: CostModel, options, limit, target_value, feasible):
         self.cfg, self.names, self.mixers, self.cm = cfg, names, mixers, cm
         self.options, self.limit, self.target_value, self.feasible = options, limit, target_value, feasible
-        self.matrices = [torch.tensor(c, dtype=torch.float64) for c in cm.costs]
+        self._matrices: dict = {}
+
+    def _dtype(self, device) -> torch.dtype:
+        return torch.float32 if device.type == "mps" else torch.float64   # MPS has no float64
+
+    def matrices(self, device) -> list:
+        """The cost matrices on ``device`` (cached per device)."""
+        key = str(device)
+        if key not in self._matrices:
+            self._matrices[key] = [torch.tensor(c, dtype=self._dtype(device), device=device) for c in self.cm.costs]
+        return self._matrices[key]
 
     def joint_probs(self, i: int) -> torch.Tensor:
         """P(option k) of layer i: p_w(w) p_a(a) (untied), p(b) (tied), p_w(w) (activations fixed)."""
         wm, am = self.mixers[self.names[i]]
-        pw = wm.probs(torch.float64)
+        dt = self._dtype(wm.strength.device)
+        pw = wm.probs(dt)
         if self.cfg.tie_bits or am is None or not isinstance(am, BitMixer):
             return pw
-        return (pw[:, None] * am.probs(torch.float64)[None, :]).reshape(-1)
+        return (pw[:, None] * am.probs(dt)[None, :]).reshape(-1)
 
     def expected_cost(self) -> torch.Tensor:
         """E[cost] in the budget's unit (differentiable in every strength)."""
-        total = sum((self.joint_probs(i) * c).sum() for i, c in enumerate(self.matrices))
-        return self.cm.value(total) if self.cfg.budget != "avg_bits" else total / self.cm.total_numel
+        device = next(iter(self.mixers.values()))[0].strength.device
+        total = sum((self.joint_probs(i) * c).sum() for i, c in enumerate(self.matrices(device)))
+        return self.cm.value(total)
 
     def complexity_loss(self) -> torch.Tensor:
         """multiplier * max(0, E[cost] / target - 1)."""
@@ -179,13 +191,15 @@ def searched_layers(model, cfg: EBSConfig, example_input=None) -> tuple[dict, li
 def cost_model(model, cfg: EBSConfig, quant, example_input=None):
     """(names, options, CostModel, limit, target value, feasible range) of the float model;
     ConfigError naming the feasible range when the target cannot be met."""
-    layers, _ = searched_layers(model, cfg, example_input)
+    check_quant(cfg, quant)
+    layers, skip = searched_layers(model, cfg, example_input)
     names = list(layers)
     opts = _options(cfg, quant)
     # an embedding has no input activation: its options are its weight bits alone (untied search)
     options = {n: ([(w, None) for w in cfg.bits] if isinstance(layers[n], nn.Embedding) and not cfg.tie_bits
                    else opts) for n in names}
-    cm = CostModel(model, names, options, cfg.budget, quant, None, None, example_input)
+    exclude = [*([cfg.exclude] if isinstance(cfg.exclude, str) else (cfg.exclude or ())), *skip] or None
+    cm = CostModel(model, names, options, cfg.budget, quant, cfg.include, exclude, example_input)
     if cfg.target is not None:
         target = float(cfg.target)
     else:
@@ -201,11 +215,21 @@ def cost_model(model, cfg: EBSConfig, quant, example_input=None):
             target = float(t)
     lo, hi = sum(min(c) for c in cm.costs), sum(max(c) for c in cm.costs)
     rng = (cm.value(lo), cm.value(hi))
-    if target < rng[0] * (1 - 1e-12):
+    if cm.limit(target) < lo:
         raise ConfigError(f"EBS target {cfg.budget}={target:.6g} is infeasible with bits {cfg.bits}"
                           + (f" / a_bits {cfg.a_bits}" if cfg.a_bits else "")
                           + f": the feasible range is [{rng[0]:.6g}, {rng[1]:.6g}] {cfg.budget}")
     return names, options, cm, cm.limit(target), target, rng
+
+
+def check_quant(cfg: EBSConfig, quant) -> None:
+    """The plan's quantization config must be one EBS can build candidates from and apply as is."""
+    if not isinstance(quant, LSQ) or quant.integer_offset:
+        raise ConfigError("EBS candidates are LSQ/LSQ+ quantizers: pass quant=st.LSQ(...) or st.LSQPlus(...) "
+                          f"without integer_offset (got {type(quant).__name__})")
+    if quant.tie_bits and not cfg.tie_bits:
+        raise ConfigError("the quant config ties W/A bits (quantize_ would raise each layer to max(w, a) and "
+                          "miss the target): use EBSConfig(tie_bits=True) too")
 
 
 def ebs_(model: nn.Module, config: EBSConfig | None = None, quant=None, example_input=None) -> EBSState:
@@ -216,9 +240,7 @@ def ebs_(model: nn.Module, config: EBSConfig | None = None, quant=None, example_
     quant = quant if quant is not None else LSQPlus()
     if not isinstance(cfg, EBSConfig):
         raise ConfigError(f"config must be an EBSConfig, got {type(cfg).__name__}")
-    if not isinstance(quant, LSQ) or quant.integer_offset:
-        raise ConfigError("EBS candidates are LSQ/LSQ+ quantizers: pass quant=st.LSQ(...) or st.LSQPlus(...) "
-                          "without integer_offset")
+    check_quant(cfg, quant)
     if getattr(model, STATE_ATTR, None) is not None:
         raise ConfigError("EBS mixers are already attached to this model (remove_ebs_ first)")
     if cfg.budget == "bitops" and example_input is None:

@@ -32,16 +32,17 @@ class _MixedFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p, bounds, gscales, *params):
-        out = torch.zeros_like(x)
+        acc = torch.promote_types(x.dtype, params[0].dtype)      # sum in the steps' precision
+        out = torch.zeros(x.shape, dtype=acc, device=x.device)
         for b, (q_n, q_p) in enumerate(bounds):
             s, off = params[2 * b], params[2 * b + 1]
             q = torch.round(_clamped_u(x, s, off, q_n, q_p)[1])
             val = torch.addcmul(off, q, s) if off is not None else q * s
-            out.add_(val, alpha=float(p[b]))
+            out.addcmul_(val, p[b].to(acc))                      # p stays a tensor: no host sync
         ctx.bounds, ctx.gscales, ctx.has_off = bounds, gscales, [params[2 * b + 1] is not None
                                                                  for b in range(len(bounds))]
         ctx.save_for_backward(x, p, *(t for t in params if t is not None))
-        return out
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -58,16 +59,15 @@ class _MixedFakeQuant(torch.autograd.Function):
             del u
             q = torch.round(c)
             val = torch.addcmul(off, q, s) if off is not None else q * s
-            gp[b] = torch.dot(grad_out.reshape(-1), val.reshape(-1))
+            gp[b] = torch.dot(grad_out.reshape(-1).to(val.dtype), val.reshape(-1)).to(gp.dtype)
             del val
-            pb = float(p[b])
-            gb = grad_out * pb
+            gb = grad_out.to(s.dtype) * p[b].to(s.dtype)
             gin = gb * inside
             if gx is not None:
                 gx.add_(gin)
             g = ctx.gscales[b]
-            grad_s = (_wsum(gb, q, s) - _wsum(gin, c, s)) * g
-            grad_off = (gb - gin).sum_to_size(off.shape) * g if off is not None else None
+            grad_s = (_wsum(gb, q, s) - _wsum(gin, c, s)).to(s.dtype) * g
+            grad_off = ((gb - gin).sum_to_size(off.shape) * g).to(off.dtype) if off is not None else None
             grads += [grad_s, grad_off]
         return (gx, gp, None, None, *grads)
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ebs import EBSState, ebs_state, plan_of
+from ..errors import ConfigError
+from .ebs import FITS, EBSState, ebs_state, plan_of
 
 
 @dataclass
@@ -67,7 +68,11 @@ def fit_choice(costs: list, logp: list, limit: int, start: list, fit: str) -> li
                     best = (score, i, k, d)
         return best
     while total > limit:
-        score, i, k, d = moves(up=False)
+        m = moves(up=False)
+        if m is None:
+            raise ConfigError(f"no plan of these options costs <= {limit} (the cheapest costs "
+                              f"{sum(min(c) for c in costs)})")
+        score, i, k, d = m
         ch[i], total = k, total + d
     while fit == "both":
         m = moves(up=True)
@@ -82,6 +87,8 @@ def ebs_select(model, fit: str | None = None) -> EBSResult:
     """The plan of an attached EBS search (the model is not modified)."""
     st = ebs_state(model)
     fit = fit or st.cfg.fit
+    if fit not in FITS:
+        raise ConfigError(f"fit={fit!r}: expected one of {FITS}")
     costs = st.cm.costs
     logp = _logp(st)
     argmax = [max(range(len(lp)), key=lambda k: (lp[k], -k)) for lp in logp]
