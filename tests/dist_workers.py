@@ -103,4 +103,14 @@ def job_bn(rank, world, tmp):
     return {"mean": bn.running_mean.tolist(), "var": bn.running_var.tolist(), "n": int(bn.num_batches_tracked)}
 
 
-JOBS = {"bn": job_bn, "train": job_train, "calibrate": job_calibrate, "disagree": job_disagree, "ebs": job_ebs}
+def job_adaround(rank, world, tmp):
+    """adaround_ under 2 ranks: rank 0 learns on its data, every rank ends with rank 0's result."""
+    m = st.quantize_(net(), st.LSQ(w_bits=3, a_bits=8, a_init="minmax"))
+    data = [b[0] for b in batches(2, 16, seed=11 + rank)]
+    with D.local():                   # each rank calibrates on its own data: the ranks now differ
+        st.calibrate(m, data)
+    r = st.adaround_(m, data, iters=20, batch=8)
+    return {"state": _state(m), "layers": sorted(r.layers)}
+
+
+JOBS = {"adaround": job_adaround, "bn": job_bn, "train": job_train, "calibrate": job_calibrate, "disagree": job_disagree, "ebs": job_ebs}

@@ -257,7 +257,26 @@ def adaround_(model: nn.Module, data: Iterable, *, iters: int = 500, time_budget
     layer by layer in forward order, on ``data`` (a list or loader of batches: x or (x, y)).
     ``iters`` per layer, each on ``batch`` calibration samples; ``time_budget_s`` caps the total
     (capture passes included, shared evenly among the layers still to do; layers reached after it is
-    spent keep rounding to nearest and are listed in ``skipped``). Run after ``calibrate``; returns a report."""
+    spent keep rounding to nearest and are listed in ``skipped``). Run after ``calibrate``; returns a report.
+    Under torch.distributed rank 0 learns the rounding on its data and every rank receives the result
+    (weights, biases and the recorded bias correction)."""
+    from .. import distributed as D
+    from .bias_correction import CORRECTION_ATTR
+    kw = dict(iters=iters, time_budget_s=time_budget_s, lam=lam, beta=beta, warmup=warmup, lr=lr, batch=batch,
+              max_bits=max_bits, seed=seed, progress=progress)
+    if not D.active():
+        return _adaround(model, data, **kw)
+    result = D.once_and_broadcast(lambda: _adaround(model, data, **kw))
+    D.broadcast_module_(model)
+    corr = D.broadcast_object({n: getattr(m, CORRECTION_ATTR, None) for n, m in model.named_modules()})
+    for n, m in model.named_modules():
+        if corr.get(n) is not None:
+            setattr(m, CORRECTION_ATTR, corr[n])
+    return result
+
+
+def _adaround(model: nn.Module, data: Iterable, *, iters, time_budget_s, lam, beta, warmup, lr, batch, max_bits,
+              seed, progress) -> AdaRoundResult:
     if iters < 1 or batch < 1 or lam < 0 or not 0 <= warmup < 1:
         raise ConfigError(f"adaround_: iters={iters}, batch={batch}, lam={lam}, warmup={warmup}: expected "
                           "iters >= 1, batch >= 1, lam >= 0, 0 <= warmup < 1")
