@@ -18,6 +18,7 @@ from .quant import LSQ, LSQPlus, calibrate, quantize_, quantized_layers, share_i
 from .quant import adaround_, bias_correct_, equalize_, fold_batchnorm_, freeze_bn_stats, reestimate_bn_
 from .quant.uhlich import Uhlich
 from .quant.param_groups import quantizer_param_groups
+from .quant.fake_quant_compiled import fast_fake_quant
 from .report import report
 from .prune import (HardMovement, Magnitude, SoftMovement, apply_masks_, prune_, prune_param_groups, pruned_layers,
                     shrink_, sparsity)
@@ -40,7 +41,7 @@ __all__ = ["LSQ", "LSQPlus", "Uhlich", "calibrate", "quantize_", "quantized_laye
            "prune_", "Magnitude", "HardMovement", "SoftMovement", "prune_param_groups", "pruned_layers", "sparsity",
            "apply_masks_", "shrink_", "QuantNoise", "quant_noise_", "remove_quant_noise_", "distill_loss", "hidden_state_loss",
            "pq_", "PQ", "pq_layers", "pq_param_groups", "ipq_stages",
-           "penalty", "step", "quantizer_param_groups", "read_plan", "freeze_bits_", "MemoryBudget", "HAWQConfig", "hawq_plan", "hawq_search",
+           "penalty", "step", "quantizer_param_groups", "fast_fake_quant", "read_plan", "freeze_bits_", "MemoryBudget", "HAWQConfig", "hawq_plan", "hawq_search",
            "EBSConfig", "ebs_", "ebs_param_groups", "remove_ebs_", "ebs_select", "ebs_search", "ebs_plan",
            "hutchinson_traces", "save_packed", "load_packed", "export_onnx", "unfuse_skip_layernorm_file",
            "config_from_dict", "config_to_dict", "load_config", "save_config",

@@ -111,8 +111,20 @@ def fake_quant(
     grad_factor: float = 1.0,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` with step ``scale`` (broadcastable to x), optional offset ``beta`` and
-    integer level bounds [q_n, q_p]. ``grad_factor`` is LSQ's gradient scale g for s and beta."""
+    integer level bounds [q_n, q_p]. ``grad_factor`` is LSQ's gradient scale g for s and beta.
+    With ``slimtorch.fast_fake_quant(True)`` integer bounds run the compiled core (fake_quant_compiled.py)."""
+    if _COMPILED[0] is None:
+        from . import fake_quant_compiled
+        _COMPILED[0] = fake_quant_compiled
+    fc = _COMPILED[0]
+    if fc._STATE["on"] and fc._STATE["failed"] is None and type(q_n) is int and type(q_p) is int:
+        out = fc.compiled_fake_quant(x, scale, offset, q_n, q_p, float(grad_factor))
+        if out is not None:
+            return out
     return _FakeQuant.apply(x, scale, offset, q_n, q_p, float(grad_factor))
+
+
+_COMPILED: list = [None]
 
 
 @torch.no_grad()
