@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from .blocks import check_block_size
 from .codebook import Codebook
 from .configs import PQ
+from ..distributed import check_same
 
 
 def codebook_of(module: nn.Module) -> Codebook | None:
@@ -63,6 +64,7 @@ def pq_(model: nn.Module, config: PQ | None = None, include=None, exclude=None, 
         if codebook_of(m) is not None:
             raise ConfigError(f"layer {name!r} is already product-quantized")
         check_block_size(name, m, raw_weight(m), config.block_size_for(m))
+    check_same({"config": repr(config), "layers": sorted(layers)}, "pq_'s config and layers")
     handler_for(config)(model, config, layers, None)
     if freeze:
         freeze_quantized_weights_(model)

@@ -58,6 +58,7 @@ from ..cost import cost_role, is_quantizer, weight_quantizer
 from ..errors import ConfigError, PatternError
 from ..quant.fake_quant import fake_quant
 from .blocks import check_block_size, default_block_size
+from ..distributed import check_same
 from .noise_configs import QuantNoise
 
 NOISY = QUANTIZABLE                                     # Conv1d, Conv2d, Linear, Embedding
@@ -179,6 +180,7 @@ def quant_noise_(model: nn.Module, config: QuantNoise, include=None, exclude=Non
         layers = {n: m for n, m in layers.items() if not isinstance(m, nn.Embedding)}
         if not layers:
             raise PatternError("quant_noise_: only Embedding layers selected, and embeddings=False")
+    check_same({"config": repr(config), "layers": sorted(layers)}, "quant_noise_'s config and layers")
     handler_for(config)(model, config, layers)
     return model
 

@@ -29,6 +29,7 @@ from .mask import Mask, SoftMovementMask, _ScoredMask, make_mask
 from .sites import find_sites
 from .structure import TIED, Grouping, grouping_for
 from .schedule import cubic_value, regularization_lambda
+from ..distributed import check_same
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _GROUPS = itertools.count(1)
@@ -59,6 +60,7 @@ def prune_(model: nn.Module, config: PruneConfig, include=None, exclude=None) ->
         types = PRUNABLE + ((nn.Embedding,) if config.embeddings else ())
         layers = find_layers(model, include, exclude, types=types, what="prunable")
         _not_pruned(layers)
+        check_same({"config": repr(config), "layers": sorted(layers)}, "prune_'s config and layers")
         handler_for(config)(model, config, layers, group)
     _recompute_global(model, force_group=group)
     return model
