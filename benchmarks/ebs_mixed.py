@@ -147,7 +147,10 @@ def main(argv=None):
     if not args.no_run:
         run(args, s, store)
     body = table(args.model, s, _load_store(), args.seeds)
-    body += f"\n\nLoad average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; {time.time() - t_start:.0f} s."
+    if not args.no_run:
+        body += f"\n\nLoad average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; {time.time() - t_start:.0f} s."
+    else:
+        body += "\n\nTable rebuilt from the stored per-seed results (runs/bench-cache/ebs_mixed.json) with --no-run."
     write_section(f"Mixed precision at equal BitOps: {s['label']} (issue 14)", body)
     print(body)
 
@@ -224,7 +227,7 @@ def table(model, s, store, nseeds) -> str:
              "last layers searched too. Accuracy: held-out test split, mean ± std over seeds (n given).", "",
              "| target (BitOps of) | plan maker | BitOps / target | test acc (%) | n | search s | bits W/A per layer (seed 0) |",
              "|---|---|---|---|---|---|---|"]
-    summary = []
+    summary, headline, uh_ratio = [], None, 1.0
     for t in TARGETS:
         accs = {}
         extra = sorted({k.split("/")[1] for k in store if k.startswith(f"{model}/EBS, T") and k.endswith(f"@W{t}A{t}/0")})
@@ -238,11 +241,17 @@ def table(model, s, store, nseeds) -> str:
             p0 = recs[0]["plan"]
             bits = " ".join(f"{v['w_bits']}/{v.get('a_bits')}" for v in p0.values())
             ratio = statistics.mean(r["bitops"] / r["target"] for r in recs)
+            if maker.startswith("Uhlich"):
+                uh_ratio = ratio
             timed = [r["search_s"] for r in recs if "search_s" in r and r.get("traced", True)]
             search = statistics.mean(timed) if timed else 0.0
             lines.append(f"| W{t}A{t} | {maker.split(' @')[0]} | {ratio:.3f}{flag} | "
                          f"{_ms([r['acc'] for r in recs])} | "
                          f"{len(recs)} | {search:.0f} | {bits} |")
+        if t == 4 and all(k in accs for k in ("EBS", "uniform", "HAWQ-V2", "Uhlich U3")):
+            headline = (f"Headline: {s['label']}, BitOps of uniform W4A4, test accuracy after the same retraining: "
+                        + ", ".join(f"{k} {statistics.mean(accs[k]):.2f}%" for k in ("EBS", "HAWQ-V2", "Uhlich U3", "uniform"))
+                        + f" (n = {len(accs['EBS'])} seeds; Uhlich's BitOps x{uh_ratio:.2f} of the target).")
         if "EBS" in accs and "uniform" in accs and "HAWQ-V2" in accs:
             e, u, h = (statistics.mean(accs[k]) for k in ("EBS", "uniform", "HAWQ-V2"))
             sd = max(statistics.stdev(accs[k]) if len(accs[k]) > 1 else 0.0 for k in ("EBS", "HAWQ-V2"))
@@ -259,6 +268,8 @@ def table(model, s, store, nseeds) -> str:
             lines.append(f"| {r['label']} | {r['state']:,} | {r['saved']:,} | {r['state'] + r['saved']:,} | {r['ms']:.1f} |")
         lines += ["", f"EBS / DNAS total: {(mem['ebs']['state'] + mem['ebs']['saved']) / (mem['dnas']['state'] + mem['dnas']['saved']):.2f}x; "
                   f"EBS / float total: {(mem['ebs']['state'] + mem['ebs']['saved']) / (mem['float']['state'] + mem['float']['saved']):.2f}x."]
+    if headline:
+        lines += ["", headline]
     if summary:
         goal = all(">=" in x and "WORSE" not in x for x in summary)
         lines += ["", f"Goal (equal BitOps: EBS >= uniform and within noise of or better than HAWQ-V2): "
