@@ -56,6 +56,7 @@ SETUPS = {
                      search_steps=120, lr=5e-4),
 }
 TARGETS = (3, 4, 6)
+LABELS = {"EBS, T -> 0.1": "EBS", "EBS": "EBS, T = 1 (ablation)"}
 STORE = CACHE / "ebs_mixed.json"
 
 
@@ -136,8 +137,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--multiplier", type=float, default=1.0)
-    ap.add_argument("--anneal", type=float, default=None,
-                    help="also run EBS with the temperature annealed to this value (an ablation row)")
+    ap.add_argument("--constant-t", action="store_true",
+                    help="also run EBS with a constant temperature T = 1 (an ablation row)")
     ap.add_argument("--no-run", action="store_true", help="only rewrite RESULTS.md from the store")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -166,13 +167,13 @@ def run(args, s, store):
     names = list(shapes)
     if f"{args.model}/memory" not in store:
         _save(store, f"{args.model}/memory", search_memory(net, x, QUANT, BITS))
-    traces = {}                           # Hutchinson traces per seed, shared by the three targets
+    traces = {}                           # Hutchinson traces of seed 0, shared by every target and seed
     for seed in range(args.seeds):
         for t in TARGETS:
             target = float(sum(sh.macs * t * t for sh in shapes.values()))
             rows = {f"uniform W{t}A{t}": lambda: {n: {"w_bits": t, "a_bits": t} for n in names}}
 
-            def ebs(t_final=None):
+            def ebs(t_final=EBSConfig.temperature_final):
                 cfg = EBSConfig(bits=BITS, a_bits=BITS, budget="bitops", target=target, steps=s["search_steps"],
                                 warmup=s["search_steps"] // 6, lr=s["lr"], multiplier=args.multiplier, seed=seed,
                                 temperature_final=t_final)
@@ -184,18 +185,19 @@ def run(args, s, store):
                 cfg = HAWQConfig(bits=BITS, a_bits=BITS, budget="bitops", target=target, act_sensitivity=True,
                                  max_iter=100, num_batches=4, seed=seed)
                 t0 = time.time()
-                r = hawq_search(net, make_loader(bundle.train, 256, seed=seed).batches(0), cfg, quant=QUANT,
-                                example_input=x[:2], traces=traces.get(seed), progress=False)
-                first = seed not in traces
-                traces[seed] = r.traces
+                r = hawq_search(net, make_loader(bundle.train, 256, seed=0).batches(0), cfg, quant=QUANT,
+                                example_input=x[:2], traces=traces.get(0), progress=False)
+                first = 0 not in traces
+                traces[0] = r.traces
                 return r.plan, {"search_s": round(time.time() - t0, 2), "traced": first}
 
             def uhlich():
                 t0 = time.time()
                 return uhlich_plan(net, s, bundle, x[:2], shapes, t, seed), {"search_s": round(time.time() - t0, 2)}
-            rows.update({f"EBS @W{t}A{t}": ebs, f"HAWQ-V2 @W{t}A{t}": hawq, f"Uhlich U3 @W{t}A{t}": uhlich})
-            if args.anneal is not None:
-                rows[f"EBS, T -> {args.anneal:g} @W{t}A{t}"] = lambda: ebs(args.anneal)
+            # store keys: "EBS, T -> 0.1" = the default (annealed); "EBS" = constant T = 1 (ablation)
+            rows.update({f"EBS, T -> 0.1 @W{t}A{t}": ebs, f"HAWQ-V2 @W{t}A{t}": hawq, f"Uhlich U3 @W{t}A{t}": uhlich})
+            if args.constant_t:
+                rows[f"EBS @W{t}A{t}"] = lambda: ebs(None)
             for row, make in rows.items():
                 key = f"{args.model}/{row}/{seed}"
                 if key in store:
@@ -223,19 +225,21 @@ def table(model, s, store, nseeds) -> str:
              f"{s['search_steps']} steps (1/6 warm-up, strengths frozen), Uhlich U3 the same steps with its "
              "penalty on memory (weight bytes and summed activation bytes of uniform W_tA_t: Uhlich's "
              "budgets are memory, not BitOps, so its BitOps land where they land and are flagged), HAWQ-V2 "
-             "Hutchinson traces (W and A; search s counts the traces once per seed). Candidate bits {2, 4, 8} for W and A; first and "
+             "Hutchinson traces (W and A) of the float model, computed once and shared by every target "
+             "(the seed changes only its retraining; search s counts the traces). Candidate bits {2, 4, 8} for W and A; first and "
              "last layers searched too. Accuracy: held-out test split, mean ± std over seeds (n given).", "",
              "| target (BitOps of) | plan maker | BitOps / target | test acc (%) | n | search s | bits W/A per layer (seed 0) |",
              "|---|---|---|---|---|---|---|"]
     summary, headline, uh_ratio = [], None, 1.0
     for t in TARGETS:
         accs = {}
-        extra = sorted({k.split("/")[1] for k in store if k.startswith(f"{model}/EBS, T") and k.endswith(f"@W{t}A{t}/0")})
-        for maker in (f"uniform W{t}A{t}", f"EBS @W{t}A{t}", *extra, f"HAWQ-V2 @W{t}A{t}", f"Uhlich U3 @W{t}A{t}"):
+        for maker in (f"uniform W{t}A{t}", f"EBS, T -> 0.1 @W{t}A{t}", f"EBS @W{t}A{t}", f"HAWQ-V2 @W{t}A{t}",
+                      f"Uhlich U3 @W{t}A{t}"):
             recs = [store[k] for k in (f"{model}/{maker}/{i}" for i in range(nseeds)) if k in store]
             if not recs:
                 continue
-            accs[maker.split(" @")[0].split(" W")[0]] = [r["acc"] for r in recs]
+            label = LABELS.get(maker.split(" @")[0], maker.split(" @")[0])
+            accs[label.split(" W")[0]] = [r["acc"] for r in recs]
             ratio_m = statistics.mean(r["bitops"] / r["target"] for r in recs)
             flag = " (over)" if ratio_m > 1.0005 else " (under: not equal BitOps)" if ratio_m < 0.9 else ""
             p0 = recs[0]["plan"]
@@ -245,7 +249,7 @@ def table(model, s, store, nseeds) -> str:
                 uh_ratio = ratio
             timed = [r["search_s"] for r in recs if "search_s" in r and r.get("traced", True)]
             search = statistics.mean(timed) if timed else 0.0
-            lines.append(f"| W{t}A{t} | {maker.split(' @')[0]} | {ratio:.3f}{flag} | "
+            lines.append(f"| W{t}A{t} | {label} | {ratio:.3f}{flag} | "
                          f"{_ms([r['acc'] for r in recs])} | "
                          f"{len(recs)} | {search:.0f} | {bits} |")
         if t == 4 and all(k in accs for k in ("EBS", "uniform", "HAWQ-V2", "Uhlich U3")):

@@ -165,7 +165,8 @@ def test_temperature_anneal_schedule_and_setter():
     assert temperature_at(cfg, 0) == temperature_at(cfg, 1) == 1.0
     assert temperature_at(cfg, 6) == pytest.approx(0.1)
     assert temperature_at(cfg, 11) == pytest.approx(0.01)
-    assert temperature_at(EBSConfig(), 200) == 1.0
+    assert temperature_at(EBSConfig(temperature_final=None), 200) == 1.0
+    assert temperature_at(EBSConfig(), 299) == pytest.approx(0.1)
     net, x = _net(), _data()[0][0]
     m = copy.deepcopy(net)
     s = ebs_(m, EBSConfig(), example_input=x)
