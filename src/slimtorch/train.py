@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from slimtorch import distributed as D
 from slimtorch.checkpoint import apply_checkpoint, read_checkpoint, restore_rng, save_checkpoint
 from slimtorch.distill import distill_loss
 from slimtorch.errors import ConfigError, DataError
@@ -111,11 +112,9 @@ def seed_everything(seed: int) -> None:
 
 
 def _device(module: torch.nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
+    t = next(iter(module.parameters()), None)
+    t = t if t is not None else next(iter(module.buffers()), None)
+    return t.device if t is not None else torch.device("cpu")
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -244,7 +243,6 @@ def train(model: torch.nn.Module, train_batches: Callable[[int], Iterable], conf
     if resume and checkpoint_path is None:
         raise ConfigError("resume=True needs a checkpoint_path")
     device = _device(model)
-    from . import distributed as D
     D.broadcast_module_(model)            # under torch.distributed: every rank starts from rank 0's weights
     optimizer = _make_optimizer(model, config, param_groups)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -332,8 +330,7 @@ def train(model: torch.nn.Module, train_batches: Callable[[int], Iterable], conf
                     st["step_in_epoch"] += 1
                     if on_step is not None:
                         on_step(model, st["global_step"])
-                    if D.active():
-                        loss = D.all_reduce_(loss.detach().clone(), "mean")
+                    loss = D.all_reduce_(loss.detach().clone(), "mean") if D.active() else loss
                     loss_sum += loss.detach().double()
                     bar.update(1)
                     if st["global_step"] % config.log_every == 0:
