@@ -42,9 +42,9 @@ def plot(history, path: Path, bits) -> None:
     axes[0][0].legend(fontsize=8)
     for ax in axes[1]:
         ax.set_xlabel("search step")
-    axes[0][0].set_ylabel("p = softmax(alpha)")
-    axes[1][0].set_ylabel("p = softmax(alpha)")
-    fig.suptitle("EBS: strength of each candidate bitwidth during the search (mnist1d CNN)")
+    axes[0][0].set_ylabel("p = softmax(alpha / T)")
+    axes[1][0].set_ylabel("p = softmax(alpha / T)")
+    fig.suptitle("EBS: strength of each candidate bitwidth during the search (mnist1d CNN; T annealed 1 -> 0.1 after step 150)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
