@@ -259,7 +259,9 @@ def table(model, s, store, nseeds) -> str:
         if "EBS" in accs and "uniform" in accs and "HAWQ-V2" in accs:
             e, u, h = (statistics.mean(accs[k]) for k in ("EBS", "uniform", "HAWQ-V2"))
             sd = max(statistics.stdev(accs[k]) if len(accs[k]) > 1 else 0.0 for k in ("EBS", "HAWQ-V2"))
-            summary.append(f"W{t}A{t}: EBS {e:.2f} vs uniform {u:.2f} ({'>=' if e >= u else '<'}), vs HAWQ-V2 "
+            su = max(statistics.stdev(accs[k]) if len(accs[k]) > 1 else 0.0 for k in ("EBS", "uniform"))
+            below = "" if e >= u else f" by {u - e:.2f} pt, {'within' if u - e <= su else 'beyond'} one std {su:.2f}"
+            summary.append(f"W{t}A{t}: EBS {e:.2f} vs uniform {u:.2f} ({'>=' if e >= u else '<'}{below}), vs HAWQ-V2 "
                            f"{h:.2f} ({'within noise or better' if e >= h - max(sd, 0.1) else 'WORSE'})")
     mem = store.get(f"{model}/memory")
     if mem:
