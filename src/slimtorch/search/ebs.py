@@ -53,7 +53,7 @@ class EBSConfig:
     geometrically to ``temperature_final`` (default 0.1; None: T stays constant) over the steps after
     the warm-up, so the mixture hardens into the choice it will be retrained at and the constraint on
     E[cost] becomes one on the selected plan (benchmarks/RESULTS.md: at constant T the argmax of
-    ResNet-20's strengths cost 0.45x the target and retrained to 93.1% vs 96.9% annealed).
+    ResNet-20's strengths cost 0.45x the target and retrained to 93.1%, 96.9% annealed, same seed).
     first_last: "search" (default: the first and last layers are searched like the rest) or "float"
     (the paper's setting: left out of the search and the plan, to stay float).
     fit: after the argmax, "down" lowers the bits of the least confident layers until the plan meets
