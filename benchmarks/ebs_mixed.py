@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 
 import slimtorch as st
 from slimtorch.atomic import atomic_write_text
-from slimtorch.cost import bitops, model_costs, trace_layers
+from slimtorch.cost import activation_costs, bitops, model_costs, trace_layers
 from slimtorch.data import load_dataset, make_loader, make_loaders
 from slimtorch.models import build_model
 from slimtorch.search.ebs import EBSConfig
@@ -101,7 +101,7 @@ def uhlich_plan(net, s, bundle, x, shapes, t, seed):
     uniform W_tA_t (its penalty is on memory, not BitOps); trained for the EBS search's steps; plan read."""
     uni = st.quantize_(copy.deepcopy(net), QUANT, plan={n: {"w_bits": t, "a_bits": t} for n in shapes})
     w_bytes = model_costs(uni)["bytes"]
-    a_bytes = sum(-(-sh.in_numel * t // 8) for sh in shapes.values())
+    a_bytes = activation_costs(uni, shapes=shapes)["sum"]
     cfg = st.Uhlich(w_bits=4, a_bits=4, bit_set=BITS, target_weight=float(w_bytes), target_act_sum=float(a_bytes),
                     target_unit="B", a_init="float", freeze_after=None)
     torch.manual_seed(seed)
@@ -170,7 +170,7 @@ def run(args, s, store):
     traces = {}                           # Hutchinson traces of seed 0, shared by every target and seed
     for seed in range(args.seeds):
         for t in TARGETS:
-            target = float(sum(sh.macs * t * t for sh in shapes.values()))
+            target = float(bitops(shapes, {n: (t, t) for n in shapes}))
             rows = {f"uniform W{t}A{t}": lambda: {n: {"w_bits": t, "a_bits": t} for n in names}}
 
             def ebs(t_final=EBSConfig.temperature_final):

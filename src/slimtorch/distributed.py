@@ -132,7 +132,7 @@ def check_same(obj, what: str) -> None:
 
 def shard(batch, r: int | None = None, w: int | None = None):
     """Rank r's contiguous slice of a global batch (x, y, ...): rows [r B / W, (r + 1) B / W).
-    DataError-free contract: the global batch size must divide by the world size."""
+    ConfigError unless the global batch size divides by the world size."""
     r = rank() if r is None else r
     w = world_size() if w is None else w
     if w == 1:

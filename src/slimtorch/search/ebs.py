@@ -33,6 +33,7 @@ from ..quant.api import lsq_input_quantizer, lsq_weight_quantizer, weight_quanti
 from ..quant.configs import LSQ, LSQPlus
 from ..quant.quantizer import check_bits
 from .ebs_mix import BitMixer
+from ..cost import bitops, packed_bytes
 from .hawq import CostModel, to_plan
 from .penalty import register_penalty
 
@@ -52,8 +53,7 @@ class EBSConfig:
     multiplier: of the hinge complexity loss. temperature: p = softmax(alpha / T); ebs_search anneals T
     geometrically to ``temperature_final`` (default 0.1; None: T stays constant) over the steps after
     the warm-up, so the mixture hardens into the choice it will be retrained at and the constraint on
-    E[cost] becomes one on the selected plan (benchmarks/RESULTS.md: at constant T the argmax of
-    ResNet-20's strengths cost 0.45x the target and retrained to 93.1%, 96.9% annealed, same seed).
+    E[cost] becomes one on the selected plan (benchmarks/RESULTS.md, "EBS, T = 1 (ablation)" rows).
     first_last: "search" (default: the first and last layers are searched like the rest) or "float"
     (the paper's setting: left out of the search and the plan, to stay float).
     fit: after the argmax, "down" lowers the bits of the least confident layers until the plan meets
@@ -205,14 +205,12 @@ def cost_model(model, cfg: EBSConfig, quant, example_input=None):
     if cfg.target is not None:
         target = float(cfg.target)
     else:
-        t = cfg.target_uniform
-        a_fixed = quant.a_bits
+        t = cfg.target_uniform             # every searched layer at t bits, counted by the cost module
         if cfg.budget == "bitops":
-            macs = {n: cm.shapes[n].macs if n in cm.shapes else 0 for n in names}
-            a = t if (cfg.a_bits is not None or cfg.tie_bits) else (a_fixed or 32)
-            target = float(sum(macs[n] * t * a for n in names))
+            a = t if (cfg.a_bits is not None or cfg.tie_bits) else quant.a_bits
+            target = float(bitops(cm.shapes, {n: (t, a) for n in names}))
         elif cfg.budget == "bytes":
-            target = float(cm.base + sum(math.ceil(cm.numel[n] * t / 8) for n in names))
+            target = float(cm.base + sum(packed_bytes(cm.numel[n], t) for n in names))
         else:
             target = float(t)
     lo, hi = sum(min(c) for c in cm.costs), sum(max(c) for c in cm.costs)
