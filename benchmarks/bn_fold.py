@@ -47,7 +47,7 @@ def run_one(net, fold: str, bits: int, weights: str, tr, te, qat_epochs: int, lr
     if fold != "none":
         st.fold_batchnorm_(m, x, train=fold == "qat")
     st.quantize_(m, st.LSQ(w_bits=bits, a_bits=bits, weights=weights))
-    st.calibrate(m, tr.batches(0), num_batches=4)
+    st.calibrate(m, tr.batches(0), num_batches=4, rounding="nearest")
     out = {"ptq": acc(m, te)}
     r = reestimated(m, tr)
     out["ptq+re"] = acc(r, te) if r is not None else None

@@ -42,7 +42,7 @@ def qat(float_net, method, tr, te, cfg: TrainConfig, calib_batches=8):
     m = copy.deepcopy(float_net)
     if method is not None:
         st.quantize_(m, method)
-        st.calibrate(m, tr.batches(0), num_batches=calib_batches)
+        st.calibrate(m, tr.batches(0), num_batches=calib_batches, rounding="nearest")
     before = accuracy(m, te)
     train(m, tr.batches, cfg)
     return m, before, accuracy(m, te)

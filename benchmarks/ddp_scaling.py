@@ -40,7 +40,7 @@ def _job(rank, world, tmp, steps, batch, quant=True):
     if quant:
         st.quantize_(m, st.LSQPlus(w_bits=4, a_bits=4))
         with D.local():           # the same calibration everywhere, so the training is what is compared
-            st.calibrate(m, data[:2])
+            st.calibrate(m, data[:2], rounding="nearest")
     warm = TrainConfig(epochs=1, lr=1e-2, optimizer="sgd", batch_size=batch, progress=False, checkpoint_every=0)
     train(m, lambda e: data[:3], warm)                        # warm-up (allocator, threads)
     D.barrier()

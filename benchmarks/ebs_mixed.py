@@ -91,7 +91,8 @@ def retrain(net, plan, s, bundle, qds, te, seed) -> float:
     """The one retraining schedule every plan gets: LSQ+ defaults, 8 calibration batches, QAT."""
     torch.manual_seed(seed)
     m = st.quantize_(copy.deepcopy(net), QUANT, plan=plan)
-    st.calibrate(m, make_loader(bundle.train, s["qat"].batch_size, seed=seed).batches(0), num_batches=8)
+    st.calibrate(m, make_loader(bundle.train, s["qat"].batch_size, seed=seed).batches(0), num_batches=8,
+                 rounding="nearest")
     train(m, make_loader(qds, s["qat"].batch_size, seed=seed).batches, dataclasses.replace(s["qat"], seed=seed))
     return accuracy(m, te)
 
@@ -107,7 +108,7 @@ def uhlich_plan(net, s, bundle, x, shapes, t, seed):
     torch.manual_seed(seed)
     m = st.quantize_(copy.deepcopy(net), cfg)
     st.calibrate(m, make_loader(bundle.train, s["qat"].batch_size, seed=seed).batches(0), num_batches=4,
-                 bias_correction=False)
+                 bias_correction=False, rounding="nearest")
     attach_budget(m, MemoryBudget(weight=float(w_bytes), act_sum=float(a_bytes), unit="B").trace(m, x))
     opt = torch.optim.Adam(m.parameters(), lr=s["lr"])
     data = iter(_endless(make_loader(bundle.train, s["qat"].batch_size, seed=seed)))

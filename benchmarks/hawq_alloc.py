@@ -54,7 +54,7 @@ def ptq_accuracy(net, plan, tr, te):
     """Accuracy of ``plan`` after PTQ (deterministic: fixed seed and calibration batches, no training)."""
     torch.manual_seed(0)
     m = st.quantize_(copy.deepcopy(net), PTQ, plan=plan)
-    st.calibrate(m, tr.batches(0), num_batches=8)
+    st.calibrate(m, tr.batches(0), num_batches=8, rounding="nearest")
     return accuracy(m, te)
 
 
@@ -63,7 +63,8 @@ def qat_accuracy(net, plan, s, bundle, qds, te, seed):
     shuffling, train()'s own seed and calibrate's random subsampling of observed activations follow it."""
     torch.manual_seed(seed)
     m = st.quantize_(copy.deepcopy(net), QAT, plan=plan)
-    st.calibrate(m, make_loader(bundle.train, s["float"].batch_size, seed=seed).batches(0), num_batches=8)
+    st.calibrate(m, make_loader(bundle.train, s["float"].batch_size, seed=seed).batches(0), num_batches=8,
+                 rounding="nearest")
     train(m, make_loader(qds, s["qat"].batch_size, seed=seed).batches, dataclasses.replace(s["qat"], seed=seed))
     return accuracy(m, te)
 

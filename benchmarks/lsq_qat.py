@@ -77,7 +77,7 @@ def timing(batch=64):
     nets = {"fp32": build_model("mnist_cnn")}
     for name, cfg in (("LSQ+ W4A4", st.LSQPlus(w_bits=4, a_bits=4, weights="per_tensor", w_init="3sigma", a_init="mse")), ("LSQ W4A4", st.LSQ(w_bits=4, a_bits=4, weights="per_tensor", w_init="lsq", a_init="lsq"))):
         nets[name] = st.quantize_(build_model("mnist_cnn"), cfg)
-        st.calibrate(nets[name], [(x,)])
+        st.calibrate(nets[name], [(x,)], rounding="nearest")
     la0 = os.getloadavg()[0]
     times = step_times(nets, x, y, steps=40, warmup=10, rounds=5)
     rows = [f"| {k} | {1e3 * v:.2f} | {v / times['fp32']:.2f}x |" for k, v in times.items()]

@@ -21,9 +21,9 @@ NOTES = """Notes on the peers (same FP32 model, same calibration batches of 8, s
 - onnxruntime 1.32 `quantize_static`: FP32 ONNX from `torch.onnx.export(dynamo=False)` (BN folded), QDQ, per-channel
   symmetric int8 weights (int4 at W4), uint8 asymmetric activations; calibration = `quantize_static` time. Its rows
   run the QDQ model as written (graph optimisations off: float simulation of exactly its quantized values, as our
-  fake quant is). The "fused integer kernels" row lets ORT fuse to QLinearConv (u8s8): on this AVX2 CPU without
-  VNNI those kernels saturate (ORT documents it; `reduce_range` or u8u8 avoid it), a deployment hazard, not a
-  calibration one.
+  fake quant is). The "fused integer kernels" row lets ORT fuse to QLinearConv (u8s8): on a CPU without VNNI those
+  kernels can saturate (ORT documents it; `reduce_range` or u8u8 avoid it; an earlier run on
+  an AVX2 machine saw them collapse), a deployment hazard, not a calibration one: compare it with the QDQ MinMax row of the same run.
 - NNCF 3.4 `nncf.quantize` (torch backend, its defaults incl. fast bias correction, subset = the 32 crops); W4A8 via
   `AdvancedQuantizationParameters(weights_quantization_params=QuantizationParameters(num_bits=4))` with
   `target_device=NPU` (the ANY hardware config refuses 4-bit). Installed with `pip install --no-deps` + light deps.
@@ -31,7 +31,8 @@ NOTES = """Notes on the peers (same FP32 model, same calibration batches of 8, s
   calibration batches, `freeze`. Its QConv2d drops the package's static same-padding forward, so its convs are
   first rewritten as Sequential(ZeroPad2d, Conv2d) (identical FP32 outputs). Symmetric int8 activations.
 - slimtorch rows are fake-quantized torch (`quantize_` + `calibrate`, which bias-corrects unless `bias_correction=False`
-  is named; `adaround_` where named), BN unfolded."""
+  is named and at W<=4 rounds the weights by GPTQ unless `rounding='nearest'` is named; `gptq_` / `adaround_` where
+  named), BN unfolded. "calib s" of a slimtorch row includes the rounding."""
 
 
 def export_fp32(model: torch.nn.Module, size: int = 240) -> str:

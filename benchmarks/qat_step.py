@@ -61,7 +61,7 @@ def quantized(lib: str, m, args):
         cfg = st.LSQ(w_bits=4, a_bits=4) if "LSQ W4A4" in lib and "LSQ+" not in lib else st.LSQPlus(w_bits=4, a_bits=4)
         inc = None if not hasattr(m, "enc") else "enc.encoder.*"
         st.quantize_(m, cfg, include=inc)
-        st.calibrate(m, [args], bias_correction=False)
+        st.calibrate(m, [args], bias_correction=False, rounding="nearest")
         st.fast_fake_quant(lib.endswith("fast"))
         return m
     if lib.startswith("Brevitas"):

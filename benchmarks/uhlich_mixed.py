@@ -108,7 +108,7 @@ def quantized(base, cfg, run, calib=True):
     m = copy.deepcopy(base)
     st.quantize_(m, cfg)
     if calib and (getattr(cfg, "a_bits", None) is not None):
-        st.calibrate(m, run.train.batches(0), num_batches=5)
+        st.calibrate(m, run.train.batches(0), num_batches=5, rounding="nearest")
     m(run.example)
     return m
 

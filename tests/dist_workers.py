@@ -53,7 +53,7 @@ def job_train(rank, world, tmp):
     """Quantize, calibrate on this rank's rows, train 2 epochs on global batches of 16."""
     m = st.quantize_(net(), QUANT)
     data = batches()
-    st.calibrate(m, [D.shard(b) for b in data[:2]])
+    st.calibrate(m, [D.shard(b) for b in data[:2]], rounding="nearest")   # QAT follows, as in the pipeline
     train(m, lambda e: data, TrainConfig(epochs=2, lr=5e-3, batch_size=16, progress=False, seed=0))
     return {"state": _state(m)}
 
@@ -66,7 +66,7 @@ def job_calibrate(rank, world, tmp):
         data = batches(4, 16, seed=7)
         if world > 1:
             data = [D.shard(b) for b in data]
-        st.calibrate(m, data, bias_correction=(a_init == "minmax"))
+        st.calibrate(m, data, bias_correction=(a_init == "minmax"), rounding="nearest")
         out[a_init] = {n: [float(aq.scale.detach().reshape(-1)[0]), float(aq.offset.detach().reshape(-1)[0]) if aq.offset is not None else 0.0]
                        for n, _, _, aq in st.quantized_layers(m)}
         if a_init == "minmax":
@@ -108,9 +108,19 @@ def job_adaround(rank, world, tmp):
     m = st.quantize_(net(), st.LSQ(w_bits=3, a_bits=8, a_init="minmax"))
     data = [b[0] for b in batches(2, 16, seed=11 + rank)]
     with D.local():                   # each rank calibrates on its own data: the ranks now differ
-        st.calibrate(m, data)
+        st.calibrate(m, data, rounding="nearest")
     r = st.adaround_(m, data, iters=20, batch=8)
     return {"state": _state(m), "layers": sorted(r.layers)}
 
 
-JOBS = {"adaround": job_adaround, "bn": job_bn, "train": job_train, "calibrate": job_calibrate, "disagree": job_disagree, "ebs": job_ebs}
+def job_gptq(rank, world, tmp):
+    """gptq_ under 2 ranks: rank 0 rounds on its data, every rank ends with rank 0's result."""
+    m = st.quantize_(net(), st.LSQ(w_bits=3, a_bits=8, a_init="minmax"))
+    data = [b[0] for b in batches(2, 16, seed=11 + rank)]
+    with D.local():
+        st.calibrate(m, data, rounding="nearest")
+    r = st.gptq_(m, data)
+    return {"state": _state(m), "layers": sorted(r.layers)}
+
+
+JOBS = {"adaround": job_adaround, "gptq": job_gptq, "bn": job_bn, "train": job_train, "calibrate": job_calibrate, "disagree": job_disagree, "ebs": job_ebs}

@@ -69,6 +69,14 @@ def test_adaround_learned_once_and_broadcast(tmp_path):
         _close(two[0]["state"][k], one["state"][k], 1e-6)
 
 
+def test_gptq_rounded_once_and_broadcast(tmp_path):
+    one = _run(tmp_path, "gptq", 1)[0]              # rank 0's data alone
+    two = _run(tmp_path, "gptq", 2)
+    assert two[0] == two[1] and two[0]["layers"] == one["layers"] == ["0", "2"]
+    for k in one["state"]:
+        _close(two[0]["state"][k], one["state"][k], 1e-6)
+
+
 def test_ranks_that_disagree_on_the_plan_get_an_error_naming_them(tmp_path):
     out = _run(tmp_path, "disagree", 2)
     for o in out:

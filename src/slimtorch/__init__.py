@@ -1,7 +1,7 @@
 """slimtorch: learned low-bit quantization, mixed precision, pruning and packed export for PyTorch.
 
 The verbs work inside any training loop:
-    [fold_batchnorm_] -> [equalize_] -> quantize_ -> calibrate -> [adaround_] -> (loss + penalty(model)) -> step(model)
+    [fold_batchnorm_] -> [equalize_] -> quantize_ -> calibrate (GPTQ rounding at <= 4 bits) -> [adaround_] -> (loss + penalty(model)) -> step(model)
     -> [reestimate_bn_] -> report -> save_packed / load_packed
 and pruning stacks with them on the same layers (W' = Q(W * M)):
     prune_ -> (loss [+ distill_loss] + penalty(model)) -> step(model) -> report [-> shrink_]
@@ -15,7 +15,7 @@ and product quantization replaces weights by codebooks, stage by stage (iPQ):
 from .config import config_from_dict, config_to_dict, load_config, save_config
 from .errors import CheckpointError, ConfigError, DataError, PatternError, SlimtorchError
 from .quant import LSQ, LSQPlus, calibrate, quantize_, quantized_layers, share_input_quantizers
-from .quant import adaround_, bias_correct_, equalize_, fold_batchnorm_, freeze_bn_stats, reestimate_bn_
+from .quant import adaround_, gptq_, bias_correct_, equalize_, fold_batchnorm_, freeze_bn_stats, reestimate_bn_
 from .quant.uhlich import Uhlich
 from .quant.param_groups import quantizer_param_groups
 from .quant.fake_quant_compiled import fast_fake_quant
@@ -37,7 +37,7 @@ from .export.onnx_layernorm import unfuse_skip_layernorm_file
 __version__ = "0.1.0"
 
 __all__ = ["LSQ", "LSQPlus", "Uhlich", "calibrate", "quantize_", "quantized_layers", "share_input_quantizers", "report",
-           "adaround_", "bias_correct_", "equalize_", "fold_batchnorm_", "freeze_bn_stats", "reestimate_bn_",
+           "adaround_", "gptq_", "bias_correct_", "equalize_", "fold_batchnorm_", "freeze_bn_stats", "reestimate_bn_",
            "prune_", "Magnitude", "HardMovement", "SoftMovement", "prune_param_groups", "pruned_layers", "sparsity",
            "apply_masks_", "shrink_", "QuantNoise", "quant_noise_", "remove_quant_noise_", "distill_loss", "hidden_state_loss",
            "pq_", "PQ", "pq_layers", "pq_param_groups", "ipq_stages",

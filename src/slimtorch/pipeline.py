@@ -170,9 +170,11 @@ def run_recipe(recipe: Recipe, out_dir, *, resume: bool = False, progress: bool 
                   plan=plan)
         cfg, tr, test = loaders(recipe.finetune)
         calib = itertools.islice(tr.batches(0), sel.get("calibrate_batches", 8))
-        calibrate(model, [D.shard(b) for b in calib])     # each rank observes its rows; merged over ranks
+        qat = recipe.finetune is not None and cfg.epochs > 0    # QAT learns its rounding from the float weights
+        calibrate(model, [D.shard(b) for b in calib],          # each rank observes its rows; merged over ranks
+                  rounding="nearest" if qat else "auto")
         metrics["calibrated_accuracy"] = evaluate(model, test.batches(0))["accuracy"]
-        if recipe.finetune is not None and cfg.epochs > 0:
+        if qat:
             # budget penalties (Uhlich) and per-step value clipping: no-ops for methods without them
             with _noise(model, recipe, "finetune", metrics):
                 train(model, tr.batches, cfg, checkpoint_path=out / "finetune.ckpt", resume=resume,

@@ -89,7 +89,7 @@ def check_compression(model: torch.nn.Module, recipe, train_batches):
     try:
         quantize_(trial, recipe.compress, include=sel.get("include"), exclude=sel.get("exclude"),
                   plan=sel.get("plan"))
-        calibrate(trial, [x], num_batches=1)
+        calibrate(trial, [x], num_batches=1, rounding="nearest")
         with torch.no_grad():     # budgets that need activation sizes are checked here
             penalty(trial, shapes=trace_layers(trial, x))
     except ConfigError as e:

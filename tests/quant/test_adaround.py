@@ -46,7 +46,7 @@ def test_adaround_weights_on_grid_and_rounded_up_or_down():
     m, data = _model_and_data()
     orig = {n: l.weight.detach().clone() for n, l in m.named_children() if isinstance(l, nn.Linear)}
     st.quantize_(m, st.LSQ(w_bits=3, a_bits=None))
-    st.calibrate(m, data)
+    st.calibrate(m, data, rounding="nearest")
     res = adaround_(m, data, iters=60)
     assert set(res.layers) == {"0", "2"}
     for n, layer in m.named_children():
@@ -66,7 +66,7 @@ def test_adaround_lowers_reconstruction_error_vs_nearest():
     m, data = _model_and_data(1)
     ref = [m(x).detach() for x in data]
     st.quantize_(m, st.LSQ(w_bits=2, a_bits=None))
-    st.calibrate(m, data)
+    st.calibrate(m, data, rounding="nearest")
     nearest = sum(float((m(x) - r).pow(2).mean().detach()) for x, r in zip(data, ref))
     res = adaround_(m, data, iters=300)
     learned = sum(float((m(x) - r).pow(2).mean().detach()) for x, r in zip(data, ref))
@@ -78,7 +78,7 @@ def test_adaround_lowers_reconstruction_error_vs_nearest():
 def test_adaround_respects_time_budget():
     m, data = _model_and_data()
     st.quantize_(m, st.LSQ(w_bits=4, a_bits=None))
-    st.calibrate(m, data)
+    st.calibrate(m, data, rounding="nearest")
     res = adaround_(m, data, iters=100000, time_budget_s=0.5)
     assert res.seconds < 10
     assert all(it < 100000 for it, _, _ in res.layers.values())
@@ -89,7 +89,7 @@ def test_adaround_bad_input():
     st.quantize_(m, st.LSQ(w_bits=4, a_bits=8))
     with pytest.raises(ConfigError, match="not calibrated"):
         adaround_(m, data)
-    st.calibrate(m, data)
+    st.calibrate(m, data, rounding="nearest")
     with pytest.raises(ConfigError, match="list or loader"):
         adaround_(m, lambda mm: mm(data[0]))
     with pytest.raises(ConfigError, match="no calibration batches"):
@@ -101,7 +101,7 @@ def test_adaround_bad_input():
 def test_adaround_skips_wide_layers():
     m, data = _model_and_data()
     st.quantize_(m, st.LSQ(w_bits=8, a_bits=None))
-    st.calibrate(m, data)
+    st.calibrate(m, data, rounding="nearest")
     res = adaround_(m, data, iters=5, max_bits=4)
     assert not res.layers and set(res.skipped) == {"0", "2"}
 
@@ -109,7 +109,7 @@ def test_adaround_skips_wide_layers():
 def test_adaround_redoes_bias_correction_once():
     m, data = _model_and_data(2)
     st.quantize_(m, st.LSQ(w_bits=3, a_bits=None))
-    st.calibrate(m, data)                       # corrects the biases for nearest rounding
+    st.calibrate(m, data, rounding="nearest")   # corrects the biases for nearest rounding
     adaround_(m, data, iters=50)
     bias = {n: l.bias.detach().clone() for n, l in m.named_children() if isinstance(l, nn.Linear)}
     st.bias_correct_(m, data)                   # same rounding: measuring again changes nothing
@@ -121,7 +121,7 @@ def test_adaround_redoes_bias_correction_once():
 def test_adaround_spent_budget_leaves_nearest():
     m, data = _model_and_data()
     st.quantize_(m, st.LSQ(w_bits=4, a_bits=None))
-    st.calibrate(m, data)
+    st.calibrate(m, data, rounding="nearest")
     w = m[2].weight.detach().clone()
     res = adaround_(m, data, iters=10, time_budget_s=1e-9)
     assert res.skipped["2"].startswith("time budget spent") and torch.equal(m[2].weight, w)

@@ -61,8 +61,10 @@ def test_load_packed_outputs_equal_the_fake_quant_model(packed, kernel):
     assert type(m.conv) is nn.Conv1d and type(m.emb) is nn.Embedding     # dense rebuild
     with torch.no_grad():
         y = m(X)
-    if kernel in ("dense", "off"):
+    if kernel == "dense":
         assert torch.equal(y, ref)
+    # "off": the rebuilt nn.Linear holds the same weight values, but its matmul may take another BLAS
+    # path than the parametrized fake-quant forward on some CPUs: equal to float rounding
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 

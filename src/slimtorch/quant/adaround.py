@@ -261,12 +261,19 @@ def adaround_(model: nn.Module, data: Iterable, *, iters: int = 500, time_budget
     Under torch.distributed rank 0 learns the rounding on its data and every rank receives the result
     (weights, biases and the recorded bias correction)."""
     from .. import distributed as D
-    from .bias_correction import CORRECTION_ATTR
     kw = dict(iters=iters, time_budget_s=time_budget_s, lam=lam, beta=beta, warmup=warmup, lr=lr, batch=batch,
               max_bits=max_bits, seed=seed, progress=progress)
     if not D.active():
         return _adaround(model, data, **kw)
-    result = D.once_and_broadcast(lambda: _adaround(model, data, **kw))
+    return once_on_rank0(model, lambda: _adaround(model, data, **kw))
+
+
+def once_on_rank0(model: nn.Module, fn: Callable):
+    """Under torch.distributed: ``fn()`` runs on rank 0 only; every rank gets its return value, the
+    model's parameters and buffers, and the recorded bias corrections (rounding verbs)."""
+    from .. import distributed as D
+    from .bias_correction import CORRECTION_ATTR
+    result = D.once_and_broadcast(fn)
     D.broadcast_module_(model)
     corr = D.broadcast_object({n: getattr(m, CORRECTION_ATTR, None) for n, m in model.named_modules()})
     for n, m in model.named_modules():

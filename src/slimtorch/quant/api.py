@@ -128,7 +128,7 @@ def _iterate(forward_loop, model, num_batches):
 
 @torch.no_grad()
 def calibrate(model: nn.Module, forward_loop: Callable | Iterable, num_batches: int | None = None,
-              reinit_weights: bool = False, bias_correction: bool = True) -> int:
+              reinit_weights: bool = False, bias_correction: bool = True, rounding: str = "auto") -> int:
     """Post-training range setting in one pass. Weight quantizers not yet initialised (all of them
     with ``reinit_weights``) are fitted to their weights first (``w_init``: e.g. MSE per output
     channel). Then ``forward_loop(model)`` runs (or the first ``num_batches`` of a loader) with every
@@ -138,16 +138,43 @@ def calibrate(model: nn.Module, forward_loop: Callable | Iterable, num_batches: 
     the end. Then, with ``bias_correction`` (default), the expected output shift that weight rounding
     causes is measured on the same batches and moved into each layer's bias (quant/bias_correction.py;
     on pretrained EfficientNet-Lite1 at W8A8 it lifts logit cosine 0.987 -> 0.994, benchmarks/RESULTS.md).
-    A one-shot iterator (generator) is read once into a list (its first ``num_batches``) so both
+    ``rounding``: "auto" (default) rounds the weights of every layer with at most 4 weight bits by
+    GPTQ (quant/gptq.py: error-compensating, cross-validated on the batches; the rounded layers'
+    output shift goes into their bias), the rest to nearest; "gptq" does so at any bit width;
+    "nearest" leaves every weight to its quantizer's rounding (QAT, which learns from the float
+    weights, uses this). GPTQ replays the batches: with a forward_loop callable "auto" rounds to
+    nearest and "gptq" is an error.
+    A one-shot iterator (generator) is read once into a list (its first ``num_batches``) so all
     passes see the same batches.
     Returns the number of activation quantizers initialised; train/eval mode is restored."""
     if isinstance(forward_loop, Iterator):        # one-shot (maybe endless); a loader is left alone
         forward_loop = list(itertools.islice(forward_loop, num_batches))
+    if rounding not in ROUNDINGS:
+        raise ConfigError(f"calibrate: rounding={rounding!r}; expected one of {ROUNDINGS}")
     n = _observe_activations(model, forward_loop, num_batches, reinit_weights)
+    max_bits = {"auto": 4, "gptq": 8}.get(rounding)
+    if max_bits is not None and _any_weight_bits(model, max_bits):
+        if callable(forward_loop):
+            if rounding == "gptq":
+                raise ConfigError("calibrate: rounding='gptq' replays the calibration batches layer by layer: "
+                                  "pass them as a list or loader, not a forward_loop callable")
+        else:
+            from .gptq import gptq_
+            batches = forward_loop if num_batches is None else list(itertools.islice(forward_loop, num_batches))
+            gptq_(model, batches, max_bits=max_bits, bias_correction=bias_correction)
+            return n
     if bias_correction:
         from .bias_correction import bias_correct_
         bias_correct_(model, forward_loop, num_batches)
     return n
+
+
+ROUNDINGS = ("auto", "gptq", "nearest")
+
+
+def _any_weight_bits(model: nn.Module, max_bits: int) -> bool:
+    return any(isinstance(wq, LSQQuantizer) and not isinstance(m, nn.Embedding) and wq.bits <= max_bits
+               for _, m, wq, _ in quantized_layers(model))
 
 
 def _observe_activations(model, forward_loop, num_batches, reinit_weights) -> int:

@@ -78,7 +78,7 @@ def _search(model, data, config, quant, loss_fn, example_input, progress, keep_m
     m.train()
     if cfg.calib_batches:
         calib = list(itertools.islice(stream, cfg.calib_batches))
-        calibrate(m, calib, bias_correction=False)
+        calibrate(m, calib, bias_correction=False, rounding="nearest")
         stream = itertools.chain(calib, stream)
     groups = ebs_param_groups(m, cfg.lr, cfg.strength_lr)
     opt = torch.optim.Adam(groups)
