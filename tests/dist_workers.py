@@ -123,4 +123,14 @@ def job_gptq(rank, world, tmp):
     return {"state": _state(m), "layers": sorted(r.layers)}
 
 
-JOBS = {"adaround": job_adaround, "gptq": job_gptq, "bn": job_bn, "train": job_train, "calibrate": job_calibrate, "disagree": job_disagree, "ebs": job_ebs}
+def job_gptq_bias(rank, world, tmp):
+    """calibrate under 2 ranks with a bias-free 8-bit layer before a 4-bit one: rank 0 rounds the
+    4-bit layer and bias-corrects the 8-bit one (adding a bias); every rank must end with it."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(12, 16, bias=False), nn.ReLU(), nn.Linear(16, 4))
+    st.quantize_(m, st.LSQ(w_bits=4, a_bits=8, a_init="minmax"), plan={"0": 8})
+    st.calibrate(m, [D.shard(b[0]) for b in batches(2, 16, seed=5)])
+    return {"state": _state(m), "bias0": m[0].bias is not None}
+
+
+JOBS = {"adaround": job_adaround, "gptq": job_gptq, "gptq_bias": job_gptq_bias, "bn": job_bn, "train": job_train, "calibrate": job_calibrate, "disagree": job_disagree, "ebs": job_ebs}

@@ -77,6 +77,11 @@ def test_gptq_rounded_once_and_broadcast(tmp_path):
         _close(two[0]["state"][k], one["state"][k], 1e-6)
 
 
+def test_gptq_in_calibrate_keeps_ranks_in_step_when_rank_0_adds_a_bias(tmp_path):
+    two = _run(tmp_path, "gptq_bias", 2)
+    assert two[0] == two[1] and two[0]["bias0"]
+
+
 def test_ranks_that_disagree_on_the_plan_get_an_error_naming_them(tmp_path):
     out = _run(tmp_path, "disagree", 2)
     for o in out:

@@ -177,3 +177,53 @@ def test_transformer_encoder_layer_rounds_every_projection():
     with torch.no_grad():
         after = (torch.cat([m(x) for x in data]) - want).pow(2).mean()
     assert after < near
+
+
+def test_batches_of_one_sample_still_cross_validate():
+    from slimtorch.quant.gptq_solver import _Moments
+    lin = nn.Linear(6, 3)
+    xs = [torch.randn(1, 6) for _ in range(8)]
+    mom = _Moments(lin, xs, None)
+    assert mom.n == [4, 4] and not mom.single                   # samples alternate across batches
+    one = _Moments(lin, xs[:1], None)
+    assert one.single and torch.equal(one.total()[0], one.h[0])  # one sample: counted once
+    m = _net()
+    st.quantize_(m, st.LSQ(w_bits=4, a_bits=8))
+    res = st.calibrate(m, [torch.randn(1, 3, 6, 6) for _ in range(6)])
+    assert res == 4
+
+
+def test_dict_batches_and_no_bias_added_without_bias_correction():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16, bias=False), nn.Linear(16, 4, bias=False)
+
+        def forward(self, batch):
+            return self.b(torch.relu(self.a(batch["x"])))
+
+    torch.manual_seed(0)
+    m = Net()
+    st.quantize_(m, st.LSQ(w_bits=4, a_bits=8))
+    st.calibrate(m, [{"x": torch.randn(8, 8)} for _ in range(3)], bias_correction=False)
+    assert m.a.bias is None and m.b.bias is None
+    raw = m.a.parametrizations.weight.original
+    assert torch.allclose(weight_quantizer(m.a)(raw), raw, atol=1e-6)    # rounded by GPTQ all the same
+
+
+def test_a_failure_part_way_leaves_the_model_as_it_was():
+    data = [torch.randn(8, 3, 6, 6) for _ in range(2)]
+    m = _net()
+    st.quantize_(m, st.LSQ(w_bits=4, a_bits=8))
+    st.calibrate(m, data, rounding="nearest")                   # bias-corrected
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    corr = m[0]._slim_bias_correction.clone()
+
+    def stop(name, _errors):
+        if name == "2":
+            raise RuntimeError("stopped")
+    with pytest.raises(RuntimeError, match="stopped"):
+        gptq_(m, data, progress=stop)
+    after = m.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(m[0]._slim_bias_correction, corr)

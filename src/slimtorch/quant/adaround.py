@@ -82,6 +82,12 @@ class _Stop(Exception):
     """Raised by a capture hook to end a forward pass once the wanted tensors are recorded."""
 
 
+def to_device(x, device):
+    """A batch as the model takes it: a tensor moved to ``device``, anything else (a dict of
+    tensors, a tokenizer's output) passed as it is, as ``calibrate`` passes it."""
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
 def _float_copy(model: nn.Module) -> nn.Module:
     """A deep copy in which every quantizer passes its input through (the float model)."""
     ref = copy.deepcopy(model)
@@ -123,7 +129,7 @@ def _capture(model: nn.Module, layer: nn.Module, batches: list, output: bool) ->
     try:
         for x in batches:
             try:
-                model(x.to(device))
+                model(to_device(x, device))
             except _Stop:
                 pass
     finally:
@@ -274,11 +280,20 @@ def once_on_rank0(model: nn.Module, fn: Callable):
     from .. import distributed as D
     from .bias_correction import CORRECTION_ATTR
     result = D.once_and_broadcast(fn)
+    mods = dict(model.named_modules())
+    biases = D.broadcast_object({n: tuple(m.bias.shape) for n, m in mods.items()     # rank 0 may have added some
+                                 if isinstance(getattr(m, "bias", None), torch.Tensor)})
+    for n, shape in biases.items():
+        if getattr(mods[n], "bias", None) is None:
+            w = mods[n].weight
+            mods[n].bias = nn.Parameter(torch.zeros(shape, dtype=w.dtype, device=w.device))
     D.broadcast_module_(model)
-    corr = D.broadcast_object({n: getattr(m, CORRECTION_ATTR, None) for n, m in model.named_modules()})
-    for n, m in model.named_modules():
+    corr = D.broadcast_object({n: getattr(m, CORRECTION_ATTR, None) for n, m in mods.items()})
+    for n, m in mods.items():
         if corr.get(n) is not None:
             setattr(m, CORRECTION_ATTR, corr[n])
+        elif hasattr(m, CORRECTION_ATTR):      # rank 0 took it out
+            delattr(m, CORRECTION_ATTR)
     return result
 
 
@@ -350,7 +365,7 @@ def _forward_order(model: nn.Module, layers: dict, example) -> list[str]:
     was = model.training
     model.eval()
     try:
-        model(example.to(next(model.parameters()).device))
+        model(to_device(example, next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()

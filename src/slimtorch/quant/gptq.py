@@ -34,7 +34,7 @@ from torch import nn
 
 from ..attach import bias_transforms, weight_transforms
 from ..errors import ConfigError
-from .adaround import _Stop, _batches, _float_copy, _forward_order, once_on_rank0
+from .adaround import _Stop, _batches, _float_copy, _forward_order, once_on_rank0, to_device
 from .api import quantized_layers
 from .bias_correction import bias_correct_, undo_bias_correction_
 from .gptq_solver import CONV, _round_layer
@@ -86,7 +86,7 @@ def _capture_many(model: nn.Module, layers: list, batches: list) -> list[list[to
         for x in batches:
             seen.clear()
             try:
-                model(x.to(device))
+                model(to_device(x, device))
             except _Stop:
                 pass
     finally:
@@ -108,8 +108,8 @@ def gptq_(model: nn.Module, data: Iterable, *, damp=(0.01, 0.1, 1.0), asymmetric
     torch.distributed rank 0 rounds on its data and every rank receives the result."""
     from .. import distributed as D
     damps = (damp,) if isinstance(damp, (int, float)) else tuple(damp)
-    if not damps or any(isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1e3 for d in damps):
-        raise ConfigError(f"gptq_: damp={damp!r}; expected a damping >= 0 (times H's mean diagonal) or a "
+    if not damps or any(isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d < 1e3 for d in damps):
+        raise ConfigError(f"gptq_: damp={damp!r}; expected a damping > 0 (times H's mean diagonal) or a "
                           "tuple of them to choose from by cross-validation")
     if any(isinstance(k, bool) or not isinstance(k, (int, float)) or k <= 0 for k in scales):
         raise ConfigError(f"gptq_: scales={scales!r}; expected step multipliers > 0")
@@ -117,15 +117,34 @@ def gptq_(model: nn.Module, data: Iterable, *, damp=(0.01, 0.1, 1.0), asymmetric
         raise ConfigError(f"gptq_: passes={passes!r}; expected a number of passes >= 1, or None")
     batches = _batches(data)
     result, todo = _select(model, max_bits)
-    shift = bias_correction is not False
-    for m, _ in todo.values():                 # every rank: the bias the rounded layers' shift goes into
-        if shift and m.bias is None:
-            m.bias = nn.Parameter(torch.zeros(m.weight.shape[0], dtype=m.weight.dtype, device=m.weight.device))
     kw = dict(damps=damps, asymmetric=asymmetric, act_order=act_order, scales=tuple(scales), passes=passes,
               bias_correction=bias_correction, progress=progress)
     if not D.active():
         return _gptq(model, batches, result, todo, **kw)
     return once_on_rank0(model, lambda: _gptq(model, batches, result, todo, **kw))
+
+
+def _snapshot(model: nn.Module) -> tuple:
+    """(parameter and buffer values, which modules have a bias, the recorded bias corrections)."""
+    from .bias_correction import CORRECTION_ATTR
+    mods = dict(model.named_modules())
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            {n for n, m in mods.items() if getattr(m, "bias", None) is not None},
+            {n: getattr(m, CORRECTION_ATTR) for n, m in mods.items() if hasattr(m, CORRECTION_ATTR)})
+
+
+@torch.no_grad()
+def _restore(model: nn.Module, saved: tuple) -> None:
+    from .bias_correction import CORRECTION_ATTR
+    state, biased, corr = saved
+    for n, m in model.named_modules():
+        if n not in biased and isinstance(getattr(m, "bias", None), nn.Parameter) and not bias_transforms(m):
+            m.bias = None                     # a bias this pass created
+        if hasattr(m, CORRECTION_ATTR):
+            delattr(m, CORRECTION_ATTR)
+        if n in corr:
+            setattr(m, CORRECTION_ATTR, corr[n])
+    model.load_state_dict(state)
 
 
 def _select(model, max_bits):
@@ -156,12 +175,13 @@ def _gptq(model, batches, result, todo, *, damps, asymmetric, act_order, scales,
     order = _forward_order(model, todo, batches[0])
     result.skipped.update({n: "not run by the forward pass" for n in todo if n not in order})
     was_training = model.training
-    model.eval()
     start = time.perf_counter()
-    corrected = undo_bias_correction_(model)   # rounded layers get their output shift from this pass
-    ref = _float_copy(model) if asymmetric else None
-    ref_layers = dict(ref.named_modules()) if asymmetric else {}
+    saved = _snapshot(model)                   # a failure part-way leaves the model as it was
     try:
+        model.eval()
+        corrected = undo_bias_correction_(model)   # rounded layers get their output shift from this pass
+        ref = _float_copy(model) if asymmetric else None
+        ref_layers = dict(ref.named_modules()) if asymmetric else {}
         for stage in _stages([n for n in order], passes):
             xqs = _capture_many(model, [todo[n][0] for n in stage], batches)
             xfs = _capture_many(ref, [ref_layers[n] for n in stage], batches) if asymmetric else [None] * len(stage)
@@ -176,6 +196,9 @@ def _gptq(model, batches, result, todo, *, damps, asymmetric, act_order, scales,
                     progress(name, result.layers[name])
         if bias_correction or (bias_correction is None and corrected):   # layers left at nearest
             bias_correct_(model, batches)
+    except BaseException:
+        _restore(model, saved)
+        raise
     finally:
         model.train(was_training)
     result.seconds = time.perf_counter() - start

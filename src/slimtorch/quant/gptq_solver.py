@@ -42,30 +42,38 @@ class _Moments:
     def __init__(self, layer, xq: list, xf: list | None):
         self.h, self.c, self.sq, self.sf, self.n = [0, 0], [None, None], [0, 0], [0, 0], [0, 0]
         self.ff = 0                            # X_fp X_fp^T over both folds: the error's constant term
+        seen = 0                               # samples alternate between the folds across batches
         for i, x in enumerate(xq):
             for k in (0, 1):
-                if len(x[k::2]) == 0:
+                part = x[(k + seen) % 2::2]
+                if len(part) == 0:
                     continue
-                cq = columns(layer, x[k::2]).float()
+                cq = columns(layer, part).float()
                 self.h[k] = self.h[k] + cq @ cq.transpose(1, 2)
                 self.sq[k] = self.sq[k] + cq.sum(2)
                 self.n[k] += cq.shape[2]
-                cf = cq if xf is None else columns(layer, xf[i][k::2]).float()
+                cf = cq if xf is None else columns(layer, xf[i][(k + seen) % 2::2]).float()
                 self.sf[k] = self.sf[k] + cf.sum(2)
                 self.ff = self.ff + cf @ cf.transpose(1, 2)
                 if xf is not None:
                     self.c[k] = (0 if self.c[k] is None else self.c[k]) + cf @ cq.transpose(1, 2)
-        if self.n[1] == 0:                     # a single sample: it is both folds
-            self.h[1], self.c[1], self.sq[1], self.sf[1], self.n[1] = self.h[0], self.c[0], self.sq[0], self.sf[0], self.n[0]
+            seen += len(x)
+        self.single = self.n[1] == 0           # one sample: it is both folds (no cross-validation)
+        if self.single:
+            self.h[1], self.c[1], self.sq[1], self.sf[1], self.n[1] = self.h[0], self.c[0], self.sq[0], self.sf[0], 0
 
     def fold(self, k):
         return self.h[k], self.c[k]
 
     def total(self):
+        if self.single:
+            return self.h[0], self.c[0]
         return self.h[0] + self.h[1], None if self.c[0] is None else self.c[0] + self.c[1]
 
     def means(self):
         n = self.n[0] + self.n[1]
+        if self.single:
+            return self.sq[0] / n, self.sf[0] / n
         return (self.sq[0] + self.sq[1]) / n, (self.sf[0] + self.sf[1]) / n
 
 
@@ -100,10 +108,10 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, quant: Callable, damp=0.01, act
     h = h + torch.diag_embed(dead.to(h.dtype))
     w = w * (~dead)[:, None, :]
     perm = (torch.argsort(torch.diagonal(h, dim1=-2, dim2=-1), dim=-1, descending=True) if act_order
-            else torch.arange(h.shape[-1]).expand(h.shape[0], -1))
+            else torch.arange(h.shape[-1], device=h.device).expand(h.shape[0], -1))
     w = torch.gather(w, 2, perm[:, None, :].expand_as(w))
     h = torch.gather(torch.gather(h, 1, perm[:, :, None].expand_as(h)), 2, perm[:, None, :].expand_as(h))
-    damp = torch.as_tensor(damp, dtype=h.dtype).reshape(-1, 1, 1)
+    damp = torch.as_tensor(damp, dtype=h.dtype, device=h.device).reshape(-1, 1, 1)
     h = h + damp * _mean_diag(h) * _eye_like(h)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros_like(w)
@@ -124,26 +132,27 @@ def _row_errors(w, q, h, c=None):
     return ((q @ h) * q).sum(-1) - 2 * ((w @ (h if c is None else c)) * q).sum(-1)
 
 
-def _fit_all(w, h, c, scale, off, q_n, q_p, cands, act_order):
-    """GPTQ rounding for every candidate (step multiplier, damping) at once (stacked on the group
-    axis): of ``w`` itself, or with ``c`` of the least-squares weight W C (H + damp)^-1.
-    Returns (candidates, groups, rows, d)."""
-    k, g = len(cands), w.shape[0]
-    damps = torch.tensor([dmp for _, dmp in cands], dtype=h.dtype)
-    target = w.expand(k, *w.shape)
-    if c is not None:
-        # (k, g, d, d), SPD: a Cholesky solve (a batched LU solve can deadlock in MKL's nested OpenMP)
-        hd = h + damps.clamp_min(1e-6).view(-1, 1, 1, 1) * _mean_diag(h) * _eye_like(h)
-        rhs = (w @ c).transpose(1, 2).expand(k, g, w.shape[2], w.shape[1])
-        target = torch.cholesky_solve(rhs, torch.linalg.cholesky(hd)).transpose(2, 3)
-    steps = torch.cat([scale * key for key, _ in cands])
-    offs = None if off is None else off.repeat(k, 1)
-    q = gptq_round(target.reshape(k * g, *w.shape[1:]), h.repeat(k, 1, 1), _grid(steps, offs, q_n, q_p),
-                   damps.repeat_interleave(g), act_order)
-    return q.view(k, *w.shape)
+def _fit_all(w, h, c, scale, off, q_n, q_p, keys, damps, act_order):
+    """GPTQ rounding for every candidate: per damping (one factorisation of H), the step multipliers
+    ``keys`` stacked on the row axis (rows are independent); of ``w`` itself, or with ``c`` of the
+    least-squares weight W C (H + damp)^-1. Returns (len(damps) * len(keys), groups, rows, d),
+    damping-major."""
+    g, r, d = w.shape
+    m = len(keys)
+    steps = torch.cat([scale * k for k in keys], dim=1)                       # (g, m * rows)
+    offs = None if off is None else off.repeat(1, m)
+    out = []
+    for dmp in damps:
+        target = w
+        if c is not None:        # SPD: a Cholesky solve (a batched LU solve can deadlock in MKL's nested OpenMP)
+            hd = h + max(dmp, 1e-6) * _mean_diag(h) * _eye_like(h)
+            target = torch.cholesky_solve((w @ c).transpose(1, 2), torch.linalg.cholesky(hd)).transpose(1, 2)
+        q = gptq_round(target.repeat(1, m, 1), h, _grid(steps, offs, q_n, q_p), dmp, act_order)
+        out.append(q.view(g, m, r, d).transpose(0, 1))
+    return torch.cat(out)
 
 
-def _round_groups(w, mom: _Moments, grid: tuple, cands: list, act_order):
+def _round_groups(w, mom: _Moments, grid: tuple, keys: list, damps: tuple, act_order):
     """Round every row with the candidate (step multiplier, damping) that, fitted on one fold,
     reconstructs the other best (2-fold cross-validation, per row: rows are independent), refitted on
     both folds; rounding to nearest on the calibrated grid is a candidate too, so a row where GPTQ does
@@ -154,15 +163,15 @@ def _round_groups(w, mom: _Moments, grid: tuple, cands: list, act_order):
     h, c = mom.total()
     nearest = _grid(scale, off, q_n, q_p)(w)
     e_near = _row_errors(w, nearest, h1, c1) + _row_errors(w, nearest, h0, c0)
-    err = (_row_errors(w, _fit_all(w, h0, c0, *grid, cands, act_order), h1, c1)
-           + _row_errors(w, _fit_all(w, h1, c1, *grid, cands, act_order), h0, c0))       # (k, g, rows)
+    err = (_row_errors(w, _fit_all(w, h0, c0, *grid, keys, damps, act_order), h1, c1)
+           + _row_errors(w, _fit_all(w, h1, c1, *grid, keys, damps, act_order), h0, c0))   # (k, g, rows)
     best_err, best = err.min(0)
     use = best_err < e_near
-    q_all = _fit_all(w, h, c, *grid, cands, act_order)
+    q_all = _fit_all(w, h, c, *grid, keys, damps, act_order)
     chosen = torch.gather(q_all, 0, best[None, ..., None].expand(1, *w.shape))[0]
     out = torch.where(use[..., None], chosen, nearest)
-    keys = torch.tensor([key for key, _ in cands], dtype=w.dtype)
-    mult = torch.where(use, keys[best], torch.ones_like(best_err))
+    mults = torch.tensor([key for _ in damps for key in keys], dtype=w.dtype, device=w.device)
+    mult = torch.where(use, mults[best], torch.ones_like(best_err))
     energy = ((w @ mom.ff) * w).sum()                  # ||W X_fp||^2: errors relative to the output
     rel = lambda q: float((_row_errors(w, q, h, c).sum() + energy) / energy.clamp_min(1e-30))
     return out, mult, rel(nearest), rel(out)
@@ -185,8 +194,7 @@ def _round_layer(layer, wq, xq, xf, damps, act_order, scales, shift_bias: bool =
     keys = sorted(set(scales if per_channel else ()) | {1.0})
     mom = _Moments(layer, xq, xf)
     w = w0.float().reshape(*shape, -1)
-    q, key, before, after = _round_groups(w, mom, (scale, off, p["q_n"], p["q_p"]),
-                                          [(k, dmp) for k in keys for dmp in damps], act_order)
+    q, key, before, after = _round_groups(w, mom, (scale, off, p["q_n"], p["q_p"]), keys, damps, act_order)
     mq, mf = mom.means()                                            # (groups, d)
     shift = ((w * mf[:, None, :]).sum(-1) - (q * mq[:, None, :]).sum(-1)).reshape(-1)
     raw_weight(layer).copy_(q.reshape(w0.shape).to(w0.dtype))
