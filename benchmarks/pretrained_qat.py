@@ -68,9 +68,9 @@ def run(w_bits: int, a_bits: int, minutes: float, batch: int, lr_w: float, lr_q:
         loss = st.distill_loss(student(x), target, T=T)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        for g in opt.param_groups:                      # cosine decay over the time budget
-            g.setdefault("lr0", g["lr"])
-            g["lr"] = g["lr0"] * 0.5 * (1 + torch.cos(torch.tensor(min(trained / budget, 1.0) * torch.pi)).item())
+        for grp in opt.param_groups:                    # cosine decay over the time budget
+            grp.setdefault("lr0", grp["lr"])
+            grp["lr"] = grp["lr0"] * 0.5 * (1 + torch.cos(torch.tensor(min(trained / budget, 1.0) * torch.pi)).item())
         opt.step()
         step += 1
         trained += time.perf_counter() - t
