@@ -85,7 +85,7 @@ def body(args, rows, secs_per_step: float) -> str:
     import os
     head = (f"EfficientNet-Lite1 (pretrained), W{args.w_bits}A{args.a_bits} with the defaults "
             f"(`LSQPlus(w_bits={args.w_bits}, a_bits={args.a_bits})`, `calibrate` on the 32 calibration crops), "
-            f"then QAT by distillation (`distill_loss`, T={args.T}, no labels) on a pool of 512 random crops of "
+            f"then QAT by distillation (`distill_loss`, T={args.T}, no labels) on a pool of {args.pool} random crops of "
             f"the calibration source images (decoded once), batch {args.batch}, Adam (weights {args.lr_w}, quantizer steps "
             f"{args.lr_q}, cosine decay over the budget), BN statistics frozen, {args.minutes:g} min of training "
             f"on {torch.get_num_threads()} threads ({secs_per_step:.2f} s/step; load average "
@@ -111,12 +111,13 @@ def main(argv=None):
     ap.add_argument("--lr-w", type=float, default=1e-5)
     ap.add_argument("--lr-q", type=float, default=1e-4)
     ap.add_argument("--T", type=float, default=1.0)
+    ap.add_argument("--pool", type=int, default=512, help="unlabeled training crops, decoded once")
     ap.add_argument("--evals", type=int, default=5, help="fidelity checkpoints over the budget")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = run(args.w_bits, args.a_bits, args.minutes, args.batch, args.lr_w, args.lr_q, args.T, args.evals,
+    rows = run(args.w_bits, args.a_bits, args.minutes, args.batch, args.lr_w, args.lr_q, args.T, args.evals, args.pool,
                log=lambda r: print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}, flush=True))
     steps = rows[-1]["step"]
     text = body(args, rows, rows[-1]["train_s"] / max(steps, 1))

@@ -189,8 +189,12 @@ def test_batches_of_one_sample_still_cross_validate():
     assert one.single and torch.equal(one.total()[0], one.h[0])  # one sample: counted once
     m = _net()
     st.quantize_(m, st.LSQ(w_bits=4, a_bits=8))
-    res = st.calibrate(m, [torch.randn(1, 3, 6, 6) for _ in range(6)])
-    assert res == 4
+    data = [torch.randn(1, 3, 6, 6) for _ in range(6)]
+    st.calibrate(m, data, rounding="nearest")
+    res = gptq_(m, data)
+    assert set(res.layers) == {"0", "2", "4", "6"}
+    for before, after in res.layers.values():
+        assert 0 <= after <= before                            # relative errors, counted once
 
 
 def test_dict_batches_and_no_bias_added_without_bias_correction():

@@ -54,8 +54,8 @@ class _Moments:
                 self.n[k] += cq.shape[2]
                 cf = cq if xf is None else columns(layer, xf[i][(k + seen) % 2::2]).float()
                 self.sf[k] = self.sf[k] + cf.sum(2)
-                self.ff = self.ff + cf @ cf.transpose(1, 2)
-                if xf is not None:
+                if xf is not None:             # symmetric: X_fp = X_q, the constant term is H itself
+                    self.ff = self.ff + cf @ cf.transpose(1, 2)
                     self.c[k] = (0 if self.c[k] is None else self.c[k]) + cf @ cq.transpose(1, 2)
             seen += len(x)
         self.single = self.n[1] == 0           # one sample: it is both folds (no cross-validation)
@@ -172,7 +172,7 @@ def _round_groups(w, mom: _Moments, grid: tuple, keys: list, damps: tuple, act_o
     out = torch.where(use[..., None], chosen, nearest)
     mults = torch.tensor([key for _ in damps for key in keys], dtype=w.dtype, device=w.device)
     mult = torch.where(use, mults[best], torch.ones_like(best_err))
-    energy = ((w @ mom.ff) * w).sum()                  # ||W X_fp||^2: errors relative to the output
+    energy = ((w @ (h if c is None else mom.ff)) * w).sum()                  # ||W X_fp||^2: errors relative to the output
     rel = lambda q: float((_row_errors(w, q, h, c).sum() + energy) / energy.clamp_min(1e-30))
     return out, mult, rel(nearest), rel(out)
 
