@@ -32,7 +32,8 @@ NOTES = """Notes on the peers (same FP32 model, same calibration batches of 8, s
   first rewritten as Sequential(ZeroPad2d, Conv2d) (identical FP32 outputs). Symmetric int8 activations.
 - slimtorch rows are fake-quantized torch (`quantize_` + `calibrate`, which bias-corrects unless `bias_correction=False`
   is named and at W<=4 rounds the weights by GPTQ unless `rounding='nearest'` is named; `gptq_` / `adaround_` where
-  named), BN unfolded. "calib s" of a slimtorch row includes the rounding."""
+  named), BN unfolded; the first conv's input (the normalised image) is quantized per channel unless
+  `model_input='per_tensor'` is named. "calib s" of a slimtorch row includes the rounding."""
 
 
 def export_fp32(model: torch.nn.Module, size: int = 240) -> str:

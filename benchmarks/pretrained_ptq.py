@@ -122,7 +122,8 @@ def ptq(cfg, **calibrate_kw) -> Callable:
 
 
 SECTION = "Pretrained PTQ vs peers (issue 11)"
-DEFAULT = "slimtorch LSQ+ defaults (W mse/ch, A mse_hist, bias correction; GPTQ rounding at W<=4)"
+DEFAULT = ("slimtorch LSQ+ defaults (W mse/ch, A mse_hist, model input per channel, bias correction; "
+           "GPTQ rounding at W<=4)")
 ADAROUND_S = 300
 LOW_BITS_ONLY = ("rounding=", "adaround", "passes=")       # rows that differ from the defaults only at W<=4
 
@@ -130,7 +131,7 @@ LOW_BITS_ONLY = ("rounding=", "adaround", "passes=")       # rows that differ fr
 def ours(w_bits: int) -> dict:
     """slimtorch rows at W{w_bits}A8: the defaults, the defaults with weights rounded to nearest,
     GPTQ in 8 capture stages, learned rounding (AdaRound, ``ADAROUND_S`` seconds) instead of GPTQ,
-    without bias correction, other activation inits."""
+    without bias correction, the model's input quantized per tensor, other activation inits."""
     def then(cfg, verb, **kw):
         def run(m, data):
             ptq(cfg, rounding="nearest")(m, data)
@@ -144,6 +145,7 @@ def ours(w_bits: int) -> dict:
         f"slimtorch LSQ+ rounding='nearest' + adaround_ ({ADAROUND_S} s)":
             then(st.LSQPlus(**d), st.adaround_, time_budget_s=ADAROUND_S),
         "slimtorch LSQ+ defaults, bias_correction=False": ptq(st.LSQPlus(**d), bias_correction=False),
+        "slimtorch LSQ+ defaults, model_input='per_tensor'": ptq(st.LSQPlus(**d, model_input="per_tensor")),
         "slimtorch LSQ+ a_init=percentile (99.99)": ptq(st.LSQPlus(**d, a_init="percentile")),
         "slimtorch LSQ+ a_init=minmax": ptq(st.LSQPlus(**d, a_init="minmax")),
         "slimtorch LSQ+ a_init=entropy": ptq(st.LSQPlus(**d, a_init="entropy")),

@@ -133,4 +133,20 @@ def job_gptq_bias(rank, world, tmp):
     return {"state": _state(m), "bias0": m[0].bias is not None}
 
 
-JOBS = {"adaround": job_adaround, "gptq": job_gptq, "gptq_bias": job_gptq_bias, "bn": job_bn, "train": job_train, "calibrate": job_calibrate, "disagree": job_disagree, "ebs": job_ebs}
+def job_model_input(rank, world, tmp):
+    """Per-channel ranges of a conv reading the model input: each rank sees half of every batch."""
+    out = {}
+    for a_init in ("minmax", "mse_hist"):
+        torch.manual_seed(0)
+        m = st.quantize_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)),
+                         st.LSQPlus(w_bits=8, a_bits=8, a_init=a_init))
+        g = torch.Generator().manual_seed(9)
+        data = [torch.randn(8, 3, 6, 6, generator=g) * torch.tensor([0.5, 1.0, 3.0]).view(1, 3, 1, 1)
+                for _ in range(3)]
+        st.calibrate(m, [D.shard(b) for b in data] if world > 1 else data, bias_correction=False)
+        aq = m[0].input_quantizer
+        out[a_init] = aq.scale.detach().flatten().tolist() + aq.offset.detach().flatten().tolist()
+    return out
+
+
+JOBS = {"model_input": job_model_input, "adaround": job_adaround, "gptq": job_gptq, "gptq_bias": job_gptq_bias, "bn": job_bn, "train": job_train, "calibrate": job_calibrate, "disagree": job_disagree, "ebs": job_ebs}

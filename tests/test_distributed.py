@@ -53,6 +53,14 @@ def test_calibration_over_ranks_equals_calibration_on_all_data(tmp_path):
             _close(two[0][init][layer], v, 2e-2)
 
 
+def test_model_input_channel_ranges_over_ranks(tmp_path):
+    one = _run(tmp_path, "model_input", 1)[0]
+    two = _run(tmp_path, "model_input", 2)
+    assert two[0] == two[1] and len(one["minmax"]) == 6
+    _close(two[0]["minmax"], one["minmax"], 1e-7)             # min of minima, max of maxima: exact
+    _close(two[0]["mse_hist"], one["mse_hist"], 2e-2)         # MSE on the same values, other order
+
+
 def test_bn_reestimation_over_ranks_equals_one_process_over_all_batches(tmp_path):
     one = _run(tmp_path, "bn", 1)[0]
     two = _run(tmp_path, "bn", 2)

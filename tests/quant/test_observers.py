@@ -153,7 +153,7 @@ def test_calibrate_accumulates_every_batch(a_init):
     ranges = {}
     for name, data in (("all", xs), ("without", xs[:1] + xs[2:])):
         m = _net()
-        st.quantize_(m, st.LSQPlus(w_bits=8, a_bits=8, a_init=a_init, percentile=100.0))
+        st.quantize_(m, st.LSQPlus(w_bits=8, a_bits=8, a_init=a_init, percentile=100.0, model_input="per_tensor"))
         st.calibrate(m, data)
         aq = input_quantizer(m[0])
         p = aq.quant_params()

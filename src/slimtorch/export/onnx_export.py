@@ -121,15 +121,26 @@ class _Act(nn.Module):
         super().__init__()
         self.exact = exact
         p = aq.quant_params()
-        if p["scale"].numel() != 1:
-            raise ConfigError("ONNX export supports per-tensor activation scales only")
-        self.register_buffer("scale", p["scale"].reshape(()).clone())
-        self.register_buffer("offset", None if p["offset"] is None else p["offset"].reshape(()).clone())
-        self.q_n, self.q_p = int(p["q_n"]), int(p["q_p"])
+        self.per_channel = p["scale"].numel() != 1      # a model input, quant/model_input.py
+        shape = p["scale"].shape if self.per_channel else ()
+        self.register_buffer("scale", p["scale"].reshape(shape).clone())
+        self.register_buffer("offset", None if p["offset"] is None else p["offset"].reshape(shape).clone())
+        if self.per_channel and isinstance(p["q_n"], torch.Tensor):    # per-channel integer zero points
+            self.register_buffer("lv_lo", p["q_n"].reshape(shape).to(self.scale.dtype))
+            self.register_buffer("lv_hi", p["q_p"].reshape(shape).to(self.scale.dtype))
+            self.q_n = self.q_p = None
+        else:
+            self.q_n, self.q_p = int(p["q_n"]), int(p["q_p"])
 
     def forward(self, x, add_offset=True):
         u = x - self.offset if self.offset is not None else x
-        y = act_qdq(u, self.scale, self.q_n, self.q_p, self.exact)
+        if self.per_channel:    # one step per channel: plain Div / Round / Clip (Min, Max) / Mul, exact
+            r = torch.round(u / self.scale)
+            r = r.clamp(self.q_n, self.q_p) if self.q_n is not None else \
+                torch.maximum(torch.minimum(r, self.lv_hi), self.lv_lo)
+            y = r * self.scale
+        else:
+            y = act_qdq(u, self.scale, self.q_n, self.q_p, self.exact)
         return y + self.offset if self.offset is not None and add_offset else y
 
     def codes(self, x):
@@ -189,14 +200,16 @@ class _QLayer(nn.Module):
         w_hat = m.weight.detach()
         bias = m.bias.detach().clone() if getattr(m, "bias", None) is not None else None
         padded = self.kind.startswith("Conv") and (m.padding == "same" or any(p for p in m.padding))
-        self.fold = self.act is not None and self.act.offset is not None and not padded
+        self.fold = (self.act is not None and self.act.offset is not None and not padded
+                     and not self.act.per_channel)
         if self.fold:  # y = W (s x_bar + beta) + b = W (s x_bar) + (b + beta W 1)
             fan = w_hat.reshape(w_hat.shape[0], -1).sum(1)
             bias = (bias if bias is not None else torch.zeros_like(fan)) + self.act.offset * fan
         self.register_buffer("bias", bias)
         lv = layer_levels(m, wq)
         self.nbits = None
-        self.rounds_bias = lv is not None and self.act is not None and not exact and (
+        integer_in = self.act is not None and not self.act.per_channel    # one input scale
+        self.rounds_bias = lv is not None and integer_in and not exact and (
             self.fold or (bias is not None and not _on_int32_grid(bias, self.act.scale, lv[1])))
         if lv is not None and self.kind == "Linear" and nbits_block and lv[0].dtype == torch.int8 \
                 and lv[0].min() >= -8 and lv[0].max() <= 7:
@@ -217,7 +230,7 @@ class _QLayer(nn.Module):
             self.register_buffer("w_int", levels.t().contiguous() if self.kind == "Linear" else levels)
             self.register_buffer("w_scale", scale if scale.numel() > 1 else scale.reshape(()))
             self.fused = (kernels == "ort" and self.kind == "Linear" and self.act is not None
-                          and levels.dtype == torch.int8 and not exact)
+                          and not self.act.per_channel and levels.dtype == torch.int8 and not exact)
             self.rounds_bias = self.rounds_bias and not self.fused   # MatMulIntegerToFloat adds it in float
         else:
             self.register_buffer("w_int", None)

@@ -228,9 +228,9 @@ class _Checks:
                                         f"does not match the header's {e.shape}")
         if wq is not None and isinstance(wq.spec, LSQSpec):
             self.scale_fits(f"quantizers[{e.wq}].spec.scale_shape", wq.spec.scale_shape, list(e.shape))
-        if aq is not None and isinstance(aq.spec, LSQSpec) and math.prod(aq.spec.scale_shape) != 1:
-            self.fail(f"quantizers[{e.aq}].spec.scale_shape", "an input quantizer has one step (per tensor), "
-                                                              f"got {aq.spec.scale_shape}")
+        if aq is not None and isinstance(aq.spec, LSQSpec) and not self.input_scale_fits(aq.spec.scale_shape, e.shape):
+            self.fail(f"quantizers[{e.aq}].spec.scale_shape", "an input quantizer has one step (per tensor) or "
+                      f"one per input channel of the layer (weight shape {e.shape}), got {aq.spec.scale_shape}")
         seen[e.name] = e
         return e.bias + extra + sum(q.spec.float_numel() for q in (wq, aq) if q is not None)
 
@@ -239,6 +239,17 @@ class _Checks:
         from ..cost import index_bytes
         n = math.prod(e.shape)
         return (n + 7) // 8 if e.mask == "bitmap" else e.kept * index_bytes(n)
+
+    @staticmethod
+    def input_scale_fits(scale: list, shape: list) -> bool:
+        """Per tensor, or per input channel (quant/model_input.py): [in] for a Linear weight [out, in],
+        [1, C, 1, ...] for a conv weight [out, C / groups, k, ...]."""
+        if math.prod(scale) == 1:
+            return len(scale) in (1, len(shape))          # no extra axis for the input to grow
+        if len(shape) == 2 and scale == [shape[1]]:
+            return True
+        return (len(scale) == len(shape) > 2 and scale[0] == 1 and all(v == 1 for v in scale[2:])
+                and scale[1] % max(shape[1], 1) == 0)
 
     def scale_fits(self, field: str, scale: list, shape: list) -> None:
         """A weight step is per tensor ([1]) or per output channel ([out, 1, ...], one axis per dim)."""

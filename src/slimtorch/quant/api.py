@@ -100,9 +100,12 @@ def lsq_weight_quantizer(cfg: LSQ, m: nn.Module, bits: int) -> LSQQuantizer:
 def lsq_input_quantizer(cfg: LSQ, m: nn.Module, bits: int) -> LSQQuantizer:
     """The input-activation quantizer ``cfg`` gives layer ``m`` at ``bits``."""
     signed = {"auto": None, "signed": True, "unsigned": False, "offset": False}[cfg.activations]
+    integer_kernels = cfg.bias == "int32" or cfg.integer_offset      # they take one input scale
     return LSQQuantizer(bits, "activation", signed=signed, learn_offset=cfg.activations == "offset",
                         init=cfg.a_init, use_grad_scale=cfg.grad_scale, integer_offset=cfg.integer_offset,
-                        percentile=cfg.percentile).to(m.weight.device)
+                        percentile=cfg.percentile,
+                        per_channel_input=cfg.model_input == "per_channel" and not integer_kernels,
+                        ).to(m.weight.device)
 
 
 @register_handler(LSQ)
@@ -135,7 +138,8 @@ def calibrate(model: nn.Module, forward_loop: Callable | Iterable, num_batches: 
     activation quantizer observing (float pass-through): observer inits (``a_init`` minmax /
     percentile / mse_hist / entropy, quant/observers.py) accumulate over ALL batches, sample inits
     (lsq / 3sigma / mse) keep a subsample of every batch; each quantizer's s (and beta) is set once at
-    the end. Then, with ``bias_correction`` (default), the expected output shift that weight rounding
+    the end; a layer reading the model's own input gets per-channel ranges there (LSQ ``model_input``,
+    quant/model_input.py). Then, with ``bias_correction`` (default), the expected output shift that weight rounding
     causes is measured on the same batches and moved into each layer's bias (quant/bias_correction.py;
     on pretrained EfficientNet-Lite1 at W8A8 it lifts logit cosine 0.987 -> 0.994, benchmarks/RESULTS.md).
     ``rounding``: "auto" (default) rounds the weights of every layer with at most 4 weight bits by
@@ -194,8 +198,9 @@ def _observe_activations(model, forward_loop, num_batches, reinit_weights) -> in
     for q in acts:
         q.start_observing()
     from .coverage import explain_unseen, record_calls
+    from .model_input import candidate_layers, model_input_ranges
     try:
-        with record_calls() as ran:
+        with record_calls() as ran, model_input_ranges(model, candidate_layers(model)) as inputs:
             _iterate(forward_loop, model, num_batches)
         from .observer_sync import sync_observations_
         sync_observations_(acts)          # under torch.distributed: every rank's data, merged
@@ -204,6 +209,7 @@ def _observe_activations(model, forward_loop, num_batches, reinit_weights) -> in
         for q in acts:
             q.finish_observing()
         model.train(was_training)
+    inputs.apply()                        # layers reading the model's input: per-channel ranges
     if not all(seen):
         if not any(id(m) in ran for m in model.modules()):
             raise ConfigError(f"calibration saw no data for {seen.count(False)} activation quantizer(s): "

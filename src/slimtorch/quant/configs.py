@@ -50,7 +50,12 @@ class LSQ(QuantConfig):
     LSQ+ w_init="3sigma" / a_init="mse" (on samples), each with weights="per_tensor".
     a_init also takes the observers "minmax", "percentile" (at ``percentile``), "entropy".
     integer_offset (with activations="offset"): round the learned offset to a whole number of
-    steps (an integer zero point), the grid integer kernels run without a float subtraction."""
+    steps (an integer zero point), the grid integer kernels run without a float subtraction.
+    model_input: "per_channel" (default) gives a convolution that reads the model's own input (a CNN's
+    first conv reads the normalised image) one activation step and offset per channel at the channel's
+    min-max: the uint8 pixel grid, lossless (quant/model_input.py); "per_tensor" one for all. With
+    bias="int32" or integer_offset (set for integer kernels, which take one input scale) model inputs
+    stay per tensor."""
     activations: str = "auto"
     w_init: str = "mse"
     a_init: str = "mse_hist"
@@ -58,9 +63,12 @@ class LSQ(QuantConfig):
     integer_offset: bool = False
     percentile: float = 99.99
     weights: str = "per_channel"
+    model_input: str = "per_channel"
 
     def __post_init__(self):
         super().__post_init__()
+        if self.model_input not in GRANULARITIES:
+            raise ConfigError(f"model_input={self.model_input!r}; expected one of {GRANULARITIES}")
         if self.activations not in ACT_MODES:
             raise ConfigError(f"activations={self.activations!r}; expected one of {ACT_MODES}")
         if self.integer_offset and self.activations != "offset":

@@ -29,6 +29,12 @@ def folded_bias(layer: nn.Module, weight: torch.Tensor | None = None) -> torch.T
             raise ConfigError("the activation offset folds into the bias exactly only for "
                               "convolutions without zero padding")
     w = layer.weight if weight is None else weight
-    fan_in = w.reshape(w.shape[0], -1).sum(dim=1)
-    bias = layer.bias if layer.bias is not None else torch.zeros(w.shape[0], device=w.device)
-    return bias + offset.reshape(()) * fan_in
+    bias = layer.bias if layer.bias is not None else torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)
+    if offset.numel() == 1:
+        return bias + offset.reshape(()) * w.reshape(w.shape[0], -1).sum(dim=1)
+    # one offset per input channel (a model input, quant/model_input.py): sum_c beta_c sum_k W[o, c, k]
+    # over the channels c of output o's group
+    groups = getattr(layer, "groups", 1)
+    per_in = w.reshape(w.shape[0], w.shape[1], -1).sum(dim=2) if w.dim() > 2 else w   # (out, in / groups)
+    beta = offset.reshape(groups, -1).to(w.dtype)                                      # (groups, in / groups)
+    return bias + (per_in * beta.repeat_interleave(w.shape[0] // groups, dim=0)).sum(dim=1)

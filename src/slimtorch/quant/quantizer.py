@@ -157,8 +157,9 @@ class LSQQuantizer(Quantizer):
     def __init__(self, bits: int, role: str = "weight", *, signed: bool | None = True,
                  learn_offset: bool = False, scale_shape=(1,), init: str = "lsq",
                  narrow: bool = False, use_grad_scale: bool = True, integer_offset: bool = False,
-                 percentile: float = 99.99):
+                 percentile: float = 99.99, per_channel_input: bool = False):
         super().__init__()
+        self.per_channel_input = per_channel_input and role == "activation"   # quant/model_input.py
         check_bits(bits, f"{role} bits", 1 if role == "weight" else 2)
         if role not in ("weight", "activation"):
             raise ConfigError(f"role must be 'weight' or 'activation', got {role!r}")
@@ -245,6 +246,49 @@ class LSQQuantizer(Quantizer):
         self._initialized.fill_(True)
         self._sync()
 
+    @torch.no_grad()
+    def set_channel_ranges(self, lo: torch.Tensor, hi: torch.Tensor, samples: torch.Tensor, shape: tuple):
+        """One step (and offset) per channel (quant/model_input.py): each channel's min-max range
+        ``lo`` / ``hi`` (C,) mapped as ``minmax_init`` maps one, or its MSE-optimal clipping on
+        ``samples`` (C, N), whichever has the lower error on the samples with the extremes added
+        (min-max only with ``init="minmax"``).
+        ``shape`` broadcasts against the input, e.g. (1, C, 1, 1) for a conv; the spec follows."""
+        lo, hi, v = lo.float(), hi.float(), samples.float()
+        if self._sgn is None:
+            self._signed.fill_(int(bool(lo.min() < 0)))
+            self._sync()
+        v = torch.cat([v, lo[:, None], hi[:, None]], 1)
+        if self.learn_offset:
+            s = ((hi - lo) / (self.q_p - self.q_n)).clamp_min(EPS)
+            b = lo - self.q_n * s
+        else:
+            amax = torch.maximum(lo.abs(), hi.abs()) if self.q_n < 0 else hi.clamp_min(0)
+            s, b = (amax / self.q_p).clamp_min(EPS), None
+        if self.init == "minmax":                    # asked for: the min-max range of every channel
+            s2, b2, better = s, b, torch.zeros_like(s, dtype=torch.bool)
+        else:
+            err = fake_quant(v, s[:, None], self.q_n, self.q_p, None if b is None else b[:, None]).sub_(v)
+            s2, b2, err2 = mse_init(v, self.q_n, self.q_p, self.learn_offset, scale_shape=(v.shape[0], 1))
+            better = err2.reshape(-1) < err.square().mean(1)
+        s = torch.where(better, s2.reshape(-1), s)
+        like = self.scale.detach()                   # device and dtype (a .double() model stays so)
+        if b is not None:
+            self.offset = nn.Parameter(torch.where(better, b2.reshape(-1), b).reshape(shape).to(like))
+        self.scale = nn.Parameter(s.reshape(shape).to(like))
+        self._spec["scale_shape"] = list(shape)
+        self._initialized.fill_(True)
+        self._sync()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint of a per-channel model-input quantizer loads into a fresh per-tensor one."""
+        for name in ("scale", "offset"):
+            v, p = state_dict.get(prefix + name), getattr(self, name)
+            if isinstance(v, torch.Tensor) and p is not None and v.shape != p.shape \
+                    and self.role == "activation" and p.numel() == 1:
+                setattr(self, name, nn.Parameter(torch.empty(v.shape, device=p.device)))
+                self._spec["scale_shape"] = list(v.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def make_observer(self):
         if self.role != "activation" or self.init not in OBSERVER_INITS:
             return None
@@ -258,7 +302,7 @@ class LSQQuantizer(Quantizer):
             self._sync()
         lo, hi = obs.clip_range(self.q_n, self.q_p, self.learn_offset)
         s, b = minmax_init(torch.tensor([lo, hi], dtype=torch.float32), self.q_n, self.q_p,
-                           self.scale.shape, self.learn_offset)
+                           (1,), self.learn_offset)      # copy_ broadcasts to a per-channel shape
         self.scale.copy_(s)
         if b is not None:
             self.offset.copy_(b)
