@@ -313,15 +313,23 @@ def restore_rng(rng: dict) -> None:
         np.random.set_state(tuple(rng["numpy"]))
 
 
+def _adoptable(model, state: dict) -> set:
+    """Keys of per-channel model-input steps (set by calibrate) whose shape the model's quantizers take
+    on load (one value <-> one per channel; quant/quantizer.py ``adoptable``)."""
+    return {k for n, q in model.named_modules() if hasattr(q, "adoptable")
+            for k in q.adoptable(state, f"{n}." if n else "")}
+
+
 def apply_checkpoint(ckpt: dict, path, *, model, optimizer=None, scheduler=None,
                      restore_rng_state: bool = True) -> dict:
     """Load a ``read_checkpoint`` result into live objects; returns ``trainer_state``."""
-    expected = model.state_dict()
     got = dict(ckpt["model"], **ckpt["model_objects"])
+    expected = model.state_dict()
+    adopt = _adoptable(model, got)
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
     shapes = [f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in got and isinstance(v, torch.Tensor)
+              for k, v in expected.items() if k in got and k not in adopt and isinstance(v, torch.Tensor)
               and isinstance(got[k], torch.Tensor) and got[k].shape != v.shape]
     if missing or unexpected or shapes:
         parts = [f"missing keys {missing}" if missing else "",

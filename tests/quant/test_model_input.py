@@ -127,3 +127,80 @@ def test_checkpoint_packed_file_and_onnx_keep_the_per_channel_input(tmp_path):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(got - want.numpy()).max() <= 1e-4 * np.abs(want.numpy()).max()
+
+
+def test_training_checkpoint_loads_into_an_uncalibrated_model_and_back(tmp_path):
+    from slimtorch.checkpoint import load_checkpoint, save_checkpoint
+    x = images()
+    m = calibrated(st.LSQPlus(w_bits=8, a_bits=8), x)
+    save_checkpoint(tmp_path / "c.ckpt", model=m, optimizer=torch.optim.Adam(m.parameters(), 1e-3))
+    fresh = st.quantize_(cnn(), st.LSQPlus(w_bits=8, a_bits=8))
+    opt = torch.optim.Adam(fresh.parameters(), 1e-3)           # built before the steps change shape
+    load_checkpoint(tmp_path / "c.ckpt", model=fresh, optimizer=opt, restore_rng=False)
+    q = input_quantizer(fresh[0])
+    assert q.scale.shape == (1, 3, 1, 1) and any(p is q.scale for g in opt.param_groups for p in g["params"])
+    with torch.no_grad():
+        assert torch.equal(fresh(x), m(x))
+    old = calibrated(st.LSQPlus(w_bits=8, a_bits=8, model_input="per_tensor"), x)
+    save_checkpoint(tmp_path / "t.ckpt", model=old)             # one step (an earlier checkpoint)
+    load_checkpoint(tmp_path / "t.ckpt", model=fresh, restore_rng=False)
+    with torch.no_grad():
+        assert q.scale.numel() == 1 and torch.equal(fresh(x), old(x))
+
+
+def test_a_failed_load_leaves_the_model_alone(tmp_path):
+    from slimtorch.checkpoint import load_checkpoint, save_checkpoint
+    from slimtorch.errors import CheckpointError
+    x = images()
+    m = calibrated(st.LSQPlus(w_bits=8, a_bits=8), x)
+    save_checkpoint(tmp_path / "c.ckpt", model=m)
+    other = calibrated(st.LSQPlus(w_bits=8, a_bits=8, model_input="per_tensor"), x,
+                       nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(),
+                                     nn.Linear(144, 6)))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_checkpoint(tmp_path / "c.ckpt", model=other, restore_rng=False)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+@pytest.mark.parametrize("a_init", ["mse_hist", "mse", "lsq", "3sigma", "minmax"])
+def test_calibrating_twice_keeps_per_channel_steps(a_init):
+    x = images()
+    m = calibrated(st.LSQPlus(w_bits=8, a_bits=8, a_init=a_init), x)
+    first = input_quantizer(m[0]).scale.detach().clone()
+    param, offset = input_quantizer(m[0]).scale, input_quantizer(m[0]).offset
+    st.calibrate(m, [x[:8], x[8:]])
+    q = input_quantizer(m[0])
+    assert q.scale.shape == first.shape == (1, 3, 1, 1)
+    assert torch.allclose(q.scale.detach(), first, rtol=1e-3)
+    assert q.scale is param and (q.offset is None or q.offset is offset)       # an optimizer keeps them
+
+
+def test_unbatched_and_foreign_channel_inputs_stay_per_tensor():
+    m = calibrated(st.LSQPlus(w_bits=8, a_bits=8), images())
+    unbatched = st.quantize_(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)), st.LSQPlus(w_bits=8, a_bits=8))
+    x = images()[0]                                            # (3, 8, 8): conv2d takes it unbatched
+    st.calibrate(unbatched, [x], bias_correction=False)
+    assert input_quantizer(unbatched[0]).scale.numel() == 1 and unbatched[0](x).shape == (8, 8, 8)
+    conv1d = st.quantize_(nn.Sequential(nn.Conv1d(1, 4, 3)), st.LSQPlus(w_bits=8, a_bits=8))
+    sig = torch.randn(1, 50)                                   # (C=1, L) unbatched
+    st.calibrate(conv1d, [sig], bias_correction=False)
+    assert conv1d(sig).shape == (4, 48)
+    assert input_quantizer(m[0]).per_channel_input
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: nn.Conv1d(2, 3, 3), (6, 2, 20)),
+                                         (lambda: nn.Conv2d(4, 4, 3, groups=4), (6, 4, 7, 7))])
+def test_conv1d_and_depthwise_inputs(make, shape, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(shape) * torch.linspace(0.5, 4, shape[1]).view(1, -1, *[1] * (len(shape) - 2))
+    m = st.quantize_(nn.Sequential(make()), st.LSQPlus(w_bits=8, a_bits=8))
+    st.calibrate(m, [x[:3], x[3:]])
+    q = input_quantizer(m[0])
+    assert q.scale.numel() == shape[1] and q.scale.dim() == len(shape)
+    st.save_packed(m, tmp_path / "m.slim")
+    loaded = st.load_packed(tmp_path / "m.slim", lambda: nn.Sequential(make()))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), m(x))
+    st.calibrate(loaded, [x])                                   # the packed spec keeps it per channel
+    assert input_quantizer(loaded[0]).scale.numel() == shape[1]

@@ -125,20 +125,14 @@ class _Act(nn.Module):
         shape = p["scale"].shape if self.per_channel else ()
         self.register_buffer("scale", p["scale"].reshape(shape).clone())
         self.register_buffer("offset", None if p["offset"] is None else p["offset"].reshape(shape).clone())
-        if self.per_channel and isinstance(p["q_n"], torch.Tensor):    # per-channel integer zero points
-            self.register_buffer("lv_lo", p["q_n"].reshape(shape).to(self.scale.dtype))
-            self.register_buffer("lv_hi", p["q_p"].reshape(shape).to(self.scale.dtype))
-            self.q_n = self.q_p = None
-        else:
-            self.q_n, self.q_p = int(p["q_n"]), int(p["q_p"])
+        if isinstance(p["q_n"], torch.Tensor):
+            raise ConfigError("ONNX export: per-channel integer zero points are not supported")
+        self.q_n, self.q_p = int(p["q_n"]), int(p["q_p"])
 
     def forward(self, x, add_offset=True):
         u = x - self.offset if self.offset is not None else x
-        if self.per_channel:    # one step per channel: plain Div / Round / Clip (Min, Max) / Mul, exact
-            r = torch.round(u / self.scale)
-            r = r.clamp(self.q_n, self.q_p) if self.q_n is not None else \
-                torch.maximum(torch.minimum(r, self.lv_hi), self.lv_lo)
-            y = r * self.scale
+        if self.per_channel:    # one step per channel: plain Div / Round / Clip / Mul, exact
+            y = torch.round(u / self.scale).clamp(self.q_n, self.q_p) * self.scale
         else:
             y = act_qdq(u, self.scale, self.q_n, self.q_p, self.exact)
         return y + self.offset if self.offset is not None and add_offset else y

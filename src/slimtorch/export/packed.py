@@ -271,6 +271,10 @@ def _decode_layer(e, m, table, tensors, path):
             sd = q.state_dict()
             sd.update({k: parts.pop(0) for k, _ in _float_keys(q)})
             q.load_state_dict(sd)
+    if aq is not None and aq.scale.numel() > 1 and aq.scale.numel() != getattr(m, "in_channels", None):
+        raise CheckpointError(f"{path}: layer {name!r}: its input quantizer has {aq.scale.numel()} steps; "
+                              f"per-channel input steps need one per input channel of a conv "
+                              f"({type(m).__name__} has {getattr(m, 'in_channels', 'none')})")
     codes = None
     if e["kind"] in ("codes", "masked"):
         if wq.bits != e["bits"]:

@@ -141,7 +141,8 @@ def calibrate(model: nn.Module, forward_loop: Callable | Iterable, num_batches: 
     the end; a layer reading the model's own input gets per-channel ranges there (LSQ ``model_input``,
     quant/model_input.py). Then, with ``bias_correction`` (default), the expected output shift that weight rounding
     causes is measured on the same batches and moved into each layer's bias (quant/bias_correction.py;
-    on pretrained EfficientNet-Lite1 at W8A8 it lifts logit cosine 0.987 -> 0.994, benchmarks/RESULTS.md).
+    on pretrained EfficientNet-Lite1 at W8A8 it lifts logit cosine and agreement: benchmarks/RESULTS.md,
+    row bias_correction=False).
     ``rounding``: "auto" (default) rounds the weights of every layer with at most 4 weight bits by
     GPTQ (quant/gptq.py: error-compensating, cross-validated on the batches; the rounded layers'
     output shift goes into their bias), the rest to nearest; "gptq" does so at any bit width;

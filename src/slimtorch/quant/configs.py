@@ -52,8 +52,9 @@ class LSQ(QuantConfig):
     integer_offset (with activations="offset"): round the learned offset to a whole number of
     steps (an integer zero point), the grid integer kernels run without a float subtraction.
     model_input: "per_channel" (default) gives a convolution that reads the model's own input (a CNN's
-    first conv reads the normalised image) one activation step and offset per channel at the channel's
-    min-max: the uint8 pixel grid, lossless (quant/model_input.py); "per_tensor" one for all. With
+    first conv reads the normalised image) one activation step (and offset) per channel, at the channel's
+    min-max or MSE clipping, whichever errs less: with LSQ+'s offset at 8 bits that is the uint8 pixel
+    grid, lossless (quant/model_input.py); "per_tensor" one for all. With
     bias="int32" or integer_offset (set for integer kernels, which take one input scale) model inputs
     stay per tensor."""
     activations: str = "auto"

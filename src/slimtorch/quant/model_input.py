@@ -13,8 +13,9 @@ for it (``LSQ(model_input="per_channel")``, the default) and whose layer reads a
 called with (the same storage: views and slices included) and that is a convolution gets per-channel
 ranges along axis 1; every other quantizer keeps its per-tensor observer. Each channel takes its
 min-max range with ``a_init="minmax"``; otherwise the lower-error of its min-max range (the pixel grid
-at 8 bits) and its MSE-optimal clipping (on a subsample of every batch; at fewer bits clipping wins). Under torch.distributed the ranges are reduced over ranks (min of the
-minima, max of the maxima), as the min-max observers are."""
+at 8 bits) and its MSE-optimal clipping (on a subsample of every batch; at fewer bits clipping wins).
+Under torch.distributed every rank's ranges and samples are gathered and merged (min of the minima,
+max of the maxima, samples in rank order), so every rank sets the same steps."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from ..attach import input_quantizer
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 KEEP = 1 << 13               # values per channel kept from each batch for the MSE fit
+CAP = 1 << 15                # ... and in all (mse_init uses at most max(2^15 / C, 4096) per channel)
 
 
 def channel_axis(layer: nn.Module) -> int | None:
@@ -53,31 +55,45 @@ class _Ranges:
         self.lo: dict[str, torch.Tensor] = {}
         self.hi: dict[str, torch.Tensor] = {}
         self.samples: dict[str, list] = {}
+        self.invalid: set = set()
         self.gen = torch.Generator().manual_seed(0)
 
     def record(self, name, layer, x):
-        if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point() \
-                or x.untyped_storage().data_ptr() not in self.inputs:
-            return
-        v = x.detach().float().movedim(channel_axis(layer) % x.dim(), 0)
+        if not isinstance(x, torch.Tensor) or x.dim() != layer.weight.dim() or not x.is_floating_point() \
+                or x.untyped_storage().data_ptr() not in self.inputs or name in self.invalid:
+            return                                   # batched (N, C, ...) model inputs only
+        v = x.detach().float().movedim(1, 0)
         v = v.reshape(v.shape[0], -1)
+        if v.shape[0] != layer.in_channels or (name in self.lo and self.lo[name].shape[0] != v.shape[0]):
+            self.invalid.add(name)                   # not the layer's channels: leave it per tensor
+            return
         lo, hi = v.amin(dim=1), v.amax(dim=1)
-        if name in self.lo and self.lo[name].shape != lo.shape:
-            return                                   # channel count changed: leave it per tensor
         self.lo[name] = torch.minimum(self.lo[name], lo) if name in self.lo else lo
         self.hi[name] = torch.maximum(self.hi[name], hi) if name in self.hi else hi
-        if v.shape[1] > KEEP:                        # a subsample of every batch, for the MSE fit
-            v = v[:, torch.randint(0, v.shape[1], (KEEP,), generator=self.gen).to(v.device)]
-        self.samples.setdefault(name, []).append(v)
+        keep = self.samples.setdefault(name, [])
+        keep.append(self._subsample(v, KEEP).clone())    # a copy: a loader may reuse its buffer
+        if sum(t.shape[1] for t in keep) > 2 * CAP:      # bounded memory over any number of batches
+            keep[:] = [self._subsample(torch.cat(keep, 1), CAP)]
+
+    def _subsample(self, v, k):
+        if v.shape[1] <= k:
+            return v
+        return v[:, torch.randperm(v.shape[1], generator=self.gen)[:k].to(v.device)]
 
     def _merged(self) -> dict:
         """{name: (lo, hi, samples)}; under torch.distributed every rank's, merged in rank order."""
-        mine = {n: (self.lo[n].cpu(), self.hi[n].cpu(), torch.cat(self.samples[n], 1).cpu()) for n in self.lo}
-        if not D.active():
+        mine = {n: (self.lo[n].cpu(), self.hi[n].cpu(),
+                    self._subsample(torch.cat(self.samples[n], 1), CAP).cpu())
+                for n in self.lo if n not in self.invalid}
+        if not D.active() or not self.layers:        # no candidate: the same on every rank, no collective
             return mine
         out: dict = {}
-        for part in D.all_gather_object(mine):
+        parts = D.all_gather_object((mine, sorted(self.invalid)))
+        bad = {n for _, inv in parts for n in inv}
+        for part, _ in parts:
             for n, (lo, hi, v) in part.items():
+                if n in bad:
+                    continue
                 if n in out and out[n][0].shape != lo.shape:
                     continue
                 out[n] = (lo, hi, v) if n not in out else (torch.minimum(out[n][0], lo),
@@ -107,8 +123,11 @@ def model_input_ranges(model: nn.Module, layers: dict):
     whose input quantizer has ``per_channel_input``); yields the recorder (``apply()`` after the pass)."""
     rec, handles = _Ranges(layers), []
     if layers:
-        def on_model(_, args, kwargs):       # this call's inputs only: a freed input's address
-            rec.inputs = _storages(args, kwargs)  # may hold an activation in a later call
+        def on_model(_, args, kwargs):       # this call's inputs only, while it runs: a freed
+            rec.inputs = _storages(args, kwargs)  # input's address may hold an activation later
+
+        def after_model(*_):
+            rec.inputs = set()
 
         def hook(name):
             def on_layer(layer, args):
@@ -116,6 +135,7 @@ def model_input_ranges(model: nn.Module, layers: dict):
                     rec.record(name, layer, args[0])
             return on_layer
         handles.append(model.register_forward_pre_hook(on_model, with_kwargs=True, prepend=True))
+        handles.append(model.register_forward_hook(after_model, always_call=True))
         handles += [m.register_forward_pre_hook(hook(n), prepend=True) for n, m in layers.items()]
     try:
         yield rec

@@ -159,7 +159,8 @@ class LSQQuantizer(Quantizer):
                  narrow: bool = False, use_grad_scale: bool = True, integer_offset: bool = False,
                  percentile: float = 99.99, per_channel_input: bool = False):
         super().__init__()
-        self.per_channel_input = per_channel_input and role == "activation"   # quant/model_input.py
+        self.per_channel_input = role == "activation" and (          # quant/model_input.py
+            per_channel_input or math.prod(scale_shape) > 1)          # (rebuilt from a packed spec)
         check_bits(bits, f"{role} bits", 1 if role == "weight" else 2)
         if role not in ("weight", "activation"):
             raise ConfigError(f"role must be 'weight' or 'activation', got {role!r}")
@@ -221,7 +222,9 @@ class LSQQuantizer(Quantizer):
         if self._sgn is None:
             self._signed.fill_(int(bool(x.min() < 0)))
             self._sync()
-        shape = self.scale.shape
+        # activations: one range (copy_ broadcasts it over a per-channel model-input step, which
+        # calibrate then sets per channel, quant/model_input.py)
+        shape = self.scale.shape if self.role == "weight" else torch.Size([1])
         if self.role == "activation" and self.init in OBSERVER_INITS:
             obs = self.make_observer()
             obs.update(x)
@@ -250,9 +253,9 @@ class LSQQuantizer(Quantizer):
     def set_channel_ranges(self, lo: torch.Tensor, hi: torch.Tensor, samples: torch.Tensor, shape: tuple):
         """One step (and offset) per channel (quant/model_input.py): each channel's min-max range
         ``lo`` / ``hi`` (C,) mapped as ``minmax_init`` maps one, or its MSE-optimal clipping on
-        ``samples`` (C, N), whichever has the lower error on the samples with the extremes added
-        (min-max only with ``init="minmax"``).
-        ``shape`` broadcasts against the input, e.g. (1, C, 1, 1) for a conv; the spec follows."""
+        ``samples`` (C, N), whichever has the lower error on the samples plus the extremes (min-max
+        only with ``init="minmax"``). ``shape`` broadcasts against the input, e.g. (1, C, 1, 1) for a
+        conv; the spec follows. The parameters stay the same objects (an optimizer keeps them)."""
         lo, hi, v = lo.float(), hi.float(), samples.float()
         if self._sgn is None:
             self._signed.fill_(int(bool(lo.min() < 0)))
@@ -264,29 +267,56 @@ class LSQQuantizer(Quantizer):
         else:
             amax = torch.maximum(lo.abs(), hi.abs()) if self.q_n < 0 else hi.clamp_min(0)
             s, b = (amax / self.q_p).clamp_min(EPS), None
-        if self.init == "minmax":                    # asked for: the min-max range of every channel
-            s2, b2, better = s, b, torch.zeros_like(s, dtype=torch.bool)
-        else:
-            err = fake_quant(v, s[:, None], self.q_n, self.q_p, None if b is None else b[:, None]).sub_(v)
-            s2, b2, err2 = mse_init(v, self.q_n, self.q_p, self.learn_offset, scale_shape=(v.shape[0], 1))
-            better = err2.reshape(-1) < err.square().mean(1)
-        s = torch.where(better, s2.reshape(-1), s)
-        like = self.scale.detach()                   # device and dtype (a .double() model stays so)
+        if self.init != "minmax":                   # minmax asked for: the min-max range of every channel
+            s2, b2, _ = mse_init(v, self.q_n, self.q_p, self.learn_offset, scale_shape=(v.shape[0], 1))
+            s2, b2 = s2.reshape(-1), None if b2 is None else b2.reshape(-1)
+
+            def mse(s_, b_):                         # on every sample, for both candidates alike
+                xh = fake_quant(v, s_[:, None], self.q_n, self.q_p, None if b_ is None else b_[:, None])
+                return xh.sub_(v).square_().mean(1)
+            better = mse(s2, b2) < mse(s, b)
+            s = torch.where(better, s2, s)
+            b = None if b is None else torch.where(better, b2, b)
+        self._set_param("scale", s.reshape(shape))
         if b is not None:
-            self.offset = nn.Parameter(torch.where(better, b2.reshape(-1), b).reshape(shape).to(like))
-        self.scale = nn.Parameter(s.reshape(shape).to(like))
+            self._set_param("offset", b.reshape(shape))
         self._spec["scale_shape"] = list(shape)
         self._initialized.fill_(True)
         self._sync()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """A checkpoint of a per-channel model-input quantizer loads into a fresh per-tensor one."""
+    def _set_param(self, name: str, value: torch.Tensor):
+        """Write ``value`` into parameter ``name`` in place (new shape allowed; same object)."""
+        p = getattr(self, name)
+        if p.shape == value.shape:
+            p.copy_(value)
+        else:
+            p.data = value.to(p.detach())
+
+    def adoptable(self, state_dict, prefix: str = "") -> list[str]:
+        """Keys of ``state_dict`` whose step / offset shape this activation quantizer would take on
+        load: per channel (a model input after calibration, quant/model_input.py) or back to one."""
+        out = []
         for name in ("scale", "offset"):
             v, p = state_dict.get(prefix + name), getattr(self, name)
             if isinstance(v, torch.Tensor) and p is not None and v.shape != p.shape \
-                    and self.role == "activation" and p.numel() == 1:
-                setattr(self, name, nn.Parameter(torch.empty(v.shape, device=p.device)))
-                self._spec["scale_shape"] = list(v.shape)
+                    and self.role == "activation" and 1 in (p.numel(), v.numel()):
+                out.append(prefix + name)
+        return out
+
+    def adopt_shapes(self, state_dict, prefix: str = "") -> bool:
+        """Take the step / offset shapes ``adoptable`` names (values come with the load)."""
+        keys = self.adoptable(state_dict, prefix)
+        for key in keys:
+            name = key[len(prefix):]
+            p = getattr(self, name)
+            p.data = p.detach().new_zeros(state_dict[key].shape)
+            if name == "scale":
+                self._spec["scale_shape"] = list(p.shape)
+                self.per_channel_input = self.per_channel_input or p.numel() > 1
+        return bool(keys)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.adopt_shapes(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def make_observer(self):
