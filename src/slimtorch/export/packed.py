@@ -271,8 +271,9 @@ def _decode_layer(e, m, table, tensors, path):
             sd = q.state_dict()
             sd.update({k: parts.pop(0) for k, _ in _float_keys(q)})
             q.load_state_dict(sd)
-    if aq is not None and aq.scale.numel() > 1 and aq.scale.numel() != getattr(m, "in_channels", None):
-        raise CheckpointError(f"{path}: layer {name!r}: its input quantizer has {aq.scale.numel()} steps; "
+    steps = getattr(getattr(aq, "scale", None), "numel", lambda: 1)()      # LSQ steps (Uhlich: none)
+    if steps > 1 and steps != getattr(m, "in_channels", None):
+        raise CheckpointError(f"{path}: layer {name!r}: its input quantizer has {steps} steps; "
                               f"per-channel input steps need one per input channel of a conv "
                               f"({type(m).__name__} has {getattr(m, 'in_channels', 'none')})")
     codes = None
