@@ -33,7 +33,7 @@ from torch import nn
 import slimtorch as st
 
 SECTION = "Pretrained PTQ vs peers: transformers (issue 11)"
-OURS = "slimtorch LSQ+ defaults (incl. bias correction)"
+OURS = "slimtorch LSQ+ defaults (bias correction; GPTQ rounding at W<=4)"
 OURS_NO_BC = "slimtorch LSQ+ defaults, bias_correction=False"
 
 
@@ -165,13 +165,20 @@ def classifier_task(path, train, held, n_calib: int, n_test: int, quick: bool, t
 
 
 # ------------------------------------------------------------------------------------ methods
+def forward_names(model: nn.Module) -> list[str]:
+    """The names of ``model.forward``'s positional inputs, in order."""
+    import inspect
+    return [p.name for p in inspect.signature(model.forward).parameters.values()
+            if p.kind == p.POSITIONAL_OR_KEYWORD]
+
+
 def ours(bias_correction: bool):
     def run(model, calib, w_bits, names, threads=1):
         m = copy.deepcopy(model).eval()
-        loop = lambda mm: [mm(*b) for b in calib]
+        batches = [dict(zip(forward_names(m), b)) for b in calib]   # as a loader hands them: keyword dicts
         t = time.perf_counter()
         st.quantize_(m, st.LSQPlus(w_bits=w_bits, a_bits=8))
-        st.calibrate(m, loop, bias_correction=bias_correction)
+        st.calibrate(m, batches, bias_correction=bias_correction)    # replayable: GPTQ at W4
         secs = time.perf_counter() - t
         m.eval()
         return (lambda b: m(*b)), secs

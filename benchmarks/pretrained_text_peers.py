@@ -42,8 +42,9 @@ NOTES = """Notes on the peers (same FP32 model, same calibration batches, same t
   batches, `freeze`. It replaces nn.Linear (and nn.LayerNorm) modules only: embeddings stay float, and
   nn.MultiheadAttention's in_proj_weight (used functionally) stays float.
 - slimtorch rows: `st.quantize_(m, st.LSQPlus(w_bits=b, a_bits=8))` with no other option (every Linear and
-  Embedding, nn.MultiheadAttention split into projections), `st.calibrate` on the calibration batches, plus
-  bias correction (calibrate's default) on the same batches unless `bias_correction=False` is named. Fake-quantized torch."""
+  Embedding, nn.MultiheadAttention split into projections), `st.calibrate` on the calibration batches (a list of
+  keyword dicts, input_ids / attention_mask, as a loader hands them), which bias-corrects (unless
+  `bias_correction=False` is named) and at W4 rounds the weights by GPTQ. Fake-quantized torch."""
 
 
 def export_onnx(model: torch.nn.Module, example: tuple, names: tuple[str, ...]) -> str:

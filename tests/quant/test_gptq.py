@@ -231,3 +231,24 @@ def test_a_failure_part_way_leaves_the_model_as_it_was():
     after = m.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert torch.equal(m[0]._slim_bias_correction, corr)
+
+
+def test_keyword_batches_reach_a_forward_with_named_inputs():
+    """A tokenizer-style dict batch whose keys are forward's parameters is passed as keywords (as a
+    Hugging Face model takes it), through calibrate's observation, GPTQ and bias correction alike."""
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x, mask):
+            return self.b(torch.relu(self.a(x * mask[..., None])))
+
+    torch.manual_seed(0)
+    m = Masked()
+    st.quantize_(m, st.LSQ(w_bits=4, a_bits=8))
+    batches = [{"x": torch.randn(8, 5, 8), "mask": (torch.rand(8, 5) > 0.3).float()} for _ in range(3)]
+    st.calibrate(m, batches)
+    raw = m.a.parametrizations.weight.original
+    assert torch.allclose(weight_quantizer(m.a)(raw), raw, atol=1e-6)         # rounded by GPTQ
+    assert m.a.input_quantizer.initialized and m.b.input_quantizer.initialized

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..attach import input_quantizer, raw_weight, weight_transforms
 from ..errors import ConfigError
+from .batches import run_batch
 from .api import quantized_layers
 from .bias_correction import bias_correct_, undo_bias_correction_
 from .quantizer import Quantizer
@@ -81,12 +82,6 @@ class _Stop(Exception):
     """Raised by a capture hook to end a forward pass once the wanted tensors are recorded."""
 
 
-def to_device(x, device):
-    """A batch as the model takes it: a tensor moved to ``device``, anything else (a dict of
-    tensors, a tokenizer's output) passed as it is, as ``calibrate`` passes it."""
-    return x.to(device) if isinstance(x, torch.Tensor) else x
-
-
 def _float_copy(model: nn.Module) -> nn.Module:
     """A deep copy in which every quantizer passes its input through (the float model)."""
     ref = copy.deepcopy(model)
@@ -128,7 +123,7 @@ def _capture(model: nn.Module, layer: nn.Module, batches: list, output: bool) ->
     try:
         for x in batches:
             try:
-                model(to_device(x, device))
+                run_batch(model, x, device)
             except _Stop:
                 pass
     finally:
@@ -364,7 +359,7 @@ def _forward_order(model: nn.Module, layers: dict, example) -> list[str]:
     was = model.training
     model.eval()
     try:
-        model(to_device(example, next(model.parameters()).device))
+        run_batch(model, example, next(model.parameters()).device)
     finally:
         for h in hooks:
             h.remove()

@@ -13,6 +13,7 @@ from ..attach import (add_weight_transform, transform_input, find_layers, find_t
                       set_input_quantizer)
 from ..config import handler_for, register_handler
 from ..errors import ConfigError, PatternError
+from .batches import run_batch
 from .configs import LSQ
 from .quantizer import LSQQuantizer, Quantizer, check_bits
 
@@ -125,8 +126,7 @@ def _iterate(forward_loop, model, num_batches):
     for i, batch in enumerate(forward_loop):
         if num_batches is not None and i >= num_batches:
             break
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        model(x.to(device) if isinstance(x, torch.Tensor) else x)
+        run_batch(model, batch[0] if isinstance(batch, (list, tuple)) else batch, device)
 
 
 @torch.no_grad()

@@ -34,7 +34,8 @@ from torch import nn
 
 from ..attach import bias_transforms, weight_transforms
 from ..errors import ConfigError
-from .adaround import _Stop, _batches, _float_copy, _forward_order, once_on_rank0, to_device
+from .adaround import _Stop, _batches, _float_copy, _forward_order, once_on_rank0
+from .batches import run_batch
 from .api import quantized_layers
 from .bias_correction import bias_correct_, undo_bias_correction_
 from .gptq_solver import CONV, _round_layer
@@ -86,7 +87,7 @@ def _capture_many(model: nn.Module, layers: list, batches: list) -> list[list[to
         for x in batches:
             seen.clear()
             try:
-                model(to_device(x, device))
+                run_batch(model, x, device)
             except _Stop:
                 pass
     finally:
