@@ -121,3 +121,19 @@ def test_calibrate_does_not_start_a_reiterable_loader_just_to_check_it():
     loader = Loader(_data((16,), n=3))
     st.calibrate(m, loader)
     assert loader.passes == 2                      # one observed pass + one bias-correction pass
+
+
+def test_unbatched_conv_input_is_corrected_per_output_channel():
+    torch.manual_seed(0)
+    ref = nn.Conv1d(3, 8, 3)
+    m = copy.deepcopy(ref)
+    st.quantize_(m, st.LSQ(w_bits=3, a_bits=None))
+    data = [torch.randn(3, 20) + 1.0 for _ in range(4)]          # (C, L): Conv1d takes it unbatched
+    st.calibrate(m, data, bias_correction=False, rounding="nearest")
+
+    def mean_err():
+        with torch.no_grad():
+            return torch.cat([ref(x) - m(x) for x in data], 1).double().mean(1).abs().max().item()
+    before = mean_err()
+    assert before > 1e-4 and st.bias_correct_(m, data) == 1
+    assert mean_err() < 1e-6 < before

@@ -180,11 +180,11 @@ def test_unbatched_and_foreign_channel_inputs_stay_per_tensor():
     m = calibrated(st.LSQPlus(w_bits=8, a_bits=8), images())
     unbatched = st.quantize_(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)), st.LSQPlus(w_bits=8, a_bits=8))
     x = images()[0]                                            # (3, 8, 8): conv2d takes it unbatched
-    st.calibrate(unbatched, [x], bias_correction=False)
+    st.calibrate(unbatched, [x])                               # bias correction per channel too
     assert input_quantizer(unbatched[0]).scale.numel() == 1 and unbatched[0](x).shape == (8, 8, 8)
     conv1d = st.quantize_(nn.Sequential(nn.Conv1d(1, 4, 3)), st.LSQPlus(w_bits=8, a_bits=8))
     sig = torch.randn(1, 50)                                   # (C=1, L) unbatched
-    st.calibrate(conv1d, [sig], bias_correction=False)
+    st.calibrate(conv1d, [sig])
     assert conv1d(sig).shape == (4, 48)
     assert input_quantizer(m[0]).per_channel_input
 

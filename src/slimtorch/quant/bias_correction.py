@@ -38,7 +38,10 @@ def _weight_error(layer: nn.Module, wq) -> torch.Tensor:
 
 
 def _channel_mean_dims(layer: nn.Module, y: torch.Tensor) -> tuple[int, ...]:
-    ch = y.dim() - 1 if isinstance(layer, nn.Linear) else 1
+    if isinstance(layer, nn.Linear):
+        ch = y.dim() - 1
+    else:                                     # a conv: (N, C, ...) batched, (C, ...) unbatched
+        ch = 1 if y.dim() == layer.weight.dim() else 0
     return tuple(d for d in range(y.dim()) if d != ch)
 
 
