@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import distributed as D
 from ..attach import input_quantizer
+from .init import _mse, minmax_init, mse_init
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 KEEP = 1 << 13               # values per channel kept from each batch for the MSE fit
@@ -112,9 +113,31 @@ class _Ranges:
             shape = [1] * layer.weight.dim()
             shape[1] = lo.numel()
             dev = q.scale.device
-            q.set_channel_ranges(lo.to(dev), hi.to(dev), v.to(dev), tuple(shape))
+            q.set_channel_steps(*channel_steps(q, lo.to(dev), hi.to(dev), v.to(dev), tuple(shape)))
             done.append(q)
         return done
+
+
+@torch.no_grad()
+def channel_steps(q, lo: torch.Tensor, hi: torch.Tensor, samples: torch.Tensor, shape: tuple):
+    """(step, offset) per channel for quantizer ``q``: each channel's min-max range ``lo`` / ``hi`` (C,),
+    mapped as ``minmax_init`` maps a range, or its MSE-optimal clipping on ``samples`` (C, N), whichever
+    has the lower error on the samples plus the extremes (min-max only with ``init="minmax"``); both
+    shaped ``shape``. An unsigned-or-signed choice still open is made from the data first."""
+    lo, hi = lo.float(), hi.float()
+    if q.signed is None:
+        q._signed.fill_(int(bool(lo.min() < 0)))
+        q._sync()
+    v = torch.cat([samples.float(), lo[:, None], hi[:, None]], 1)
+    s, b = minmax_init(torch.stack([lo, hi], 1), q.q_n, q.q_p, (len(lo), 1), q.learn_offset)
+    if q.init != "minmax":
+        s2, b2, _ = mse_init(v, q.q_n, q.q_p, q.learn_offset, scale_shape=(len(lo), 1))
+        better = (_mse(v, s2.reshape(-1), None if b2 is None else b2.reshape(-1), q.q_n, q.q_p)
+                  < _mse(v, s.reshape(-1), None if b is None else b.reshape(-1), q.q_n, q.q_p))[:, None]
+        s = torch.where(better, s2, s)
+        b = None if b is None else torch.where(better, b2, b)
+    like = q.scale.detach()
+    return s.reshape(shape).to(like), None if b is None else b.reshape(shape).to(like)
 
 
 @contextmanager

@@ -250,37 +250,14 @@ class LSQQuantizer(Quantizer):
         self._sync()
 
     @torch.no_grad()
-    def set_channel_ranges(self, lo: torch.Tensor, hi: torch.Tensor, samples: torch.Tensor, shape: tuple):
-        """One step (and offset) per channel (quant/model_input.py): each channel's min-max range
-        ``lo`` / ``hi`` (C,) mapped as ``minmax_init`` maps one, or its MSE-optimal clipping on
-        ``samples`` (C, N), whichever has the lower error on the samples plus the extremes (min-max
-        only with ``init="minmax"``). ``shape`` broadcasts against the input, e.g. (1, C, 1, 1) for a
-        conv; the spec follows. The parameters stay the same objects (an optimizer keeps them)."""
-        lo, hi, v = lo.float(), hi.float(), samples.float()
-        if self._sgn is None:
-            self._signed.fill_(int(bool(lo.min() < 0)))
-            self._sync()
-        v = torch.cat([v, lo[:, None], hi[:, None]], 1)
-        if self.learn_offset:
-            s = ((hi - lo) / (self.q_p - self.q_n)).clamp_min(EPS)
-            b = lo - self.q_n * s
-        else:
-            amax = torch.maximum(lo.abs(), hi.abs()) if self.q_n < 0 else hi.clamp_min(0)
-            s, b = (amax / self.q_p).clamp_min(EPS), None
-        if self.init != "minmax":                   # minmax asked for: the min-max range of every channel
-            s2, b2, _ = mse_init(v, self.q_n, self.q_p, self.learn_offset, scale_shape=(v.shape[0], 1))
-            s2, b2 = s2.reshape(-1), None if b2 is None else b2.reshape(-1)
-
-            def mse(s_, b_):                         # on every sample, for both candidates alike
-                xh = fake_quant(v, s_[:, None], self.q_n, self.q_p, None if b_ is None else b_[:, None])
-                return xh.sub_(v).square_().mean(1)
-            better = mse(s2, b2) < mse(s, b)
-            s = torch.where(better, s2, s)
-            b = None if b is None else torch.where(better, b2, b)
-        self._set_param("scale", s.reshape(shape))
-        if b is not None:
-            self._set_param("offset", b.reshape(shape))
-        self._spec["scale_shape"] = list(shape)
+    def set_channel_steps(self, scale: torch.Tensor, offset: torch.Tensor | None):
+        """Set one step (and offset) per channel, shaped to broadcast against the input (e.g.
+        (1, C, 1, 1) for a conv; quant/model_input.py chooses them). The parameters stay the same
+        objects (an optimizer keeps them); the spec's scale_shape follows."""
+        self._set_param("scale", scale)
+        if offset is not None:
+            self._set_param("offset", offset)
+        self._spec["scale_shape"] = list(scale.shape)
         self._initialized.fill_(True)
         self._sync()
 
