@@ -42,6 +42,7 @@ def run_job(rank, world, tmp, job):
     with open(f"{tmp}/out-{job}-{world}-{rank}.json", "w") as f:
         json.dump(result, f)
     if world > 1:
+        dist.barrier()              # both ranks done before either tears gloo down (else: SIGABRT now and then)
         dist.destroy_process_group()
 
 
