@@ -137,6 +137,7 @@ def finetune_fp32(path, train_data, args):
     train(model, train_data, epochs=args.epochs, lr=args.lr, bs=args.batch, seed=args.seed,
           max_steps=4 if args.quick else None)
     secs = time.perf_counter() - t
+    cache.parent.mkdir(parents=True, exist_ok=True)             # a fresh checkout has no runs/
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(cache), metadata=meta)
     return model.eval(), secs
 
