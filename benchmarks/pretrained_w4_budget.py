@@ -81,17 +81,21 @@ def main(argv=None):
             cells = f"- | - | {r['cosine']:.4f} | {r['agreement']:.1f}"
         lines.append(f"| {name} | {n} | {cells} |")
         print(lines[-1], flush=True)
-    body = "\n".join([
+        if not args.no_write and not args.only:        # after every row: an interrupted run keeps its rows
+            write_section(SECTION, _body(args, lines, start))
+    print(_body(args, lines, start))
+
+
+def _body(args, lines: list, start: float) -> str:
+    return "\n".join([
         f"EfficientNet-Lite1 (pretrained), {args.n_test} test crops; per-channel LSQ+ weights at 4 bits where named, "
         "every other layer float; activations float unless W4A8. Fidelity to FP32 (top-1 agreement, logit cosine), "
         "not accuracy. On these crops FP32's own top-1 is fragile (FP32 on unrounded pixels agrees 93.0%), so "
         "agreement moves by several points between runs that differ only in thread count; read the cosine first.",
         "", "| layers at W4 | calibration crops | nearest: cosine | nearest: agree % | defaults (GPTQ): cosine "
         "| defaults: agree % |", "|---|---|---|---|---|---|", *lines, "",
-        f"{args.threads} threads; whole benchmark {(time.perf_counter() - start) / 60:.1f} min."])
-    if not args.no_write and not args.only:
-        write_section(SECTION, body)
-    print(body)
+        f"{args.threads} threads; {len(lines)} of {len(entries(args.n_calib, args.n_more))} rows in "
+        f"{(time.perf_counter() - start) / 60:.1f} min."])
 
 
 if __name__ == "__main__":
