@@ -90,7 +90,7 @@ def _body(args, lines: list, start: float) -> str:
     return "\n".join([
         f"EfficientNet-Lite1 (pretrained), {args.n_test} test crops; per-channel LSQ+ weights at 4 bits where named, "
         "every other layer float; activations float unless W4A8. Fidelity to FP32 (top-1 agreement, logit cosine), "
-        "not accuracy. On these crops FP32's own top-1 is fragile (FP32 on unrounded pixels agrees 93.0%), so "
+        "not accuracy. On these crops FP32's own top-1 is fragile (the ceiling row of 'Pretrained PTQ vs peers'), so "
         "agreement moves by several points between runs that differ only in thread count; read the cosine first.",
         "", "| layers at W4 | calibration crops | nearest: cosine | nearest: agree % | defaults (GPTQ): cosine "
         "| defaults: agree % |", "|---|---|---|---|---|---|", *lines, "",
