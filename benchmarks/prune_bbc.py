@@ -287,7 +287,10 @@ def caveats(rows: list, args, majority: float) -> list:
                    f"pruning starts at step {start} and the cubic schedule reaches its final sparsity at step "
                    f"{end} ({end / args.steps:.0%} of the run); hard movement's scores have trained only "
                    f"{start} steps when pruning starts, so its first choices are close to random, and the "
-                   "network does not recover in the steps left.")
+                   "network does not recover in the steps left." + (
+                       " These students start as the fine-tuned teacher, whose loss is near 0: their gradients, "
+                       "and so the movement scores, are noise (`--student pretrained` is the paper's setting)."
+                       if getattr(args, "student", "teacher") == "teacher" else ""))
     for r in rows:
         if r["method"] == "soft_movement" and r["kept"] > 0.99:
             soft = config_for("soft_movement", None, args.steps, r["lam"])
